@@ -1,0 +1,42 @@
+"""Writing a folder all at once: readers see the old folder or the complete new one, never a half-written one."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def check_writable_folder(path: str | Path, overwrite: bool, argument: str = "output") -> Path:
+    """Fail before any work if `path` is a file, or a non-empty folder and `overwrite` is off."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{argument}={str(path)!r} is a file; expected a folder path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(
+            f"{argument}={str(path)!r} exists and is not empty; pass overwrite (--overwrite) to replace it"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path` by renames, on failure it is removed
+    and `path` is left as it was."""
+    path = check_writable_folder(path, overwrite).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield staging
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            path.rename(old / path.name)
+        staging.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
