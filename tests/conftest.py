@@ -29,6 +29,8 @@ STAGE_I_CONFIGS = {
     "fixed_heads_all_cross_only": {**ORIGINAL_BASE, "channel_mult": "1,2,2", "attention_resolutions": [2, 4],
                                    "disable_self_attentions": True, "num_head_channels": -1, "num_heads": 2,
                                    "att_pool_heads": 2},
+    # The original resolves `disable_self_attentions: true` to the raw resolution string, which disables nothing.
+    "true_with_string_resolutions": {**ORIGINAL_BASE, "disable_self_attentions": True},
     "wide_four_levels": {**ORIGINAL_BASE, "image_size": 32, "channel_mult": "1,2,3,4", "num_res_blocks": 2,
                          "attention_resolutions": "16,8,4", "num_head_channels": 32, "encoder_channels": 128},
 }  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import accelerate
+import torch
 from diffusers import IFPipeline, IFSuperResolutionPipeline
 from diffusers.utils import logging
 
@@ -115,12 +116,12 @@ def _load_unet(checkpoint: Path, params: OriginalUNetParams):
     with accelerate.init_empty_weights():  # parameters on "meta"; buffers (the augmentation schedule) real
         unet = unet_class.from_config(params.to_unet_config())
     expected = {key: tensor.shape for key, tensor in unet.state_dict().items()}
+    # Weights are stored float32 like diffusers' DeepFloyd repos (fp16/bf16 upcast exactly); `variant` adds fp16.
     try:
-        converted = convert_state_dict(original, params, expected)
+        converted = convert_state_dict(original, params, expected, dtype=torch.float32)
     except KeyMismatchError as error:
         raise ConversionError(f"{path}: {error}") from error
-    # Weights are stored float32 like diffusers' DeepFloyd repos (fp16/bf16 upcast exactly); `variant` adds fp16.
-    unet.load_state_dict({k: v.float() for k, v in converted.items()}, strict=True, assign=True)
+    unet.load_state_dict(converted, strict=True, assign=True)
     return unet.eval()
 
 

@@ -152,9 +152,13 @@ def build_key_table(params: OriginalUNetParams) -> list[KeyMapping]:
 
 
 def convert_state_dict(
-    original: dict[str, torch.Tensor], params: OriginalUNetParams, expected_shapes: dict[str, torch.Size]
+    original: dict[str, torch.Tensor],
+    params: OriginalUNetParams,
+    expected_shapes: dict[str, torch.Size],
+    dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Map an original state dict to diffusers keys, emptying `original` as it goes (peak memory: one copy).
+    """Map an original state dict to diffusers keys (cast to `dtype` if given), emptying `original` as it goes so
+    that peak memory stays near one copy of the weights.
 
     `expected_shapes` are the target model's state-dict shapes. Raises `KeyMismatchError` naming every original
     key that is missing or unexpected and every tensor whose shape does not fit.
@@ -180,7 +184,7 @@ def convert_state_dict(
                     f"{mapping.source} {tuple(tensor.shape)} -> {target} {tuple(value.shape)}, "
                     f"expected {tuple(expected_shapes[target])}"
                 )
-            converted[target] = value
+            converted[target] = value if dtype is None else value.to(dtype)
     if misshaped:
         raise KeyMismatchError(
             f"{len(misshaped)} tensors have shapes that do not fit the config: " + "; ".join(misshaped)

@@ -50,7 +50,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             state_dict = load_file(path)
         else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+            # Memory-mapped, so tensors not yet converted cost page cache rather than process memory.
+            state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except Exception as error:  # torch and safetensors raise many types for truncated or corrupt files
         raise CheckpointError(f"{path}: cannot be read as a state dict, truncated or corrupt? ({error})") from error
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -61,6 +62,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"{path}: tensors {sorted(bad)[:5]} have dtypes {set(bad.values())}; expected fp32/fp16/bf16"
         )
     return state_dict
+
+
+def _is_zip(path: Path) -> bool:
+    """torch's current format (a zip archive) can be memory-mapped; the legacy pickle stream cannot."""
+    with open(path, "rb") as file:
+        return file.read(4) == b"PK\x03\x04"
 
 
 def write_checkpoint(
