@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from conftest import ORIGINAL_BASE, STAGE_II_CONFIGS, original_unet
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, DiffusionPipeline
 from safetensors.torch import load_file
 
 from if_diffusers import IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
@@ -66,9 +66,11 @@ def test_stage_2_hub_layout(tmp_path):
     assert index["_class_name"] == "IFSuperResolutionPipeline"
     assert index["unet"] == ["if_diffusers.models.unet_if_super_resolution", "IFSuperResUNet2DConditionModel"]
     assert DDPMScheduler.from_pretrained(output / "scheduler").config.sample_max_value == 1.0
-    noising = DDPMScheduler.from_pretrained(output / "image_noising_scheduler")
-    unet = IFSuperResUNet2DConditionModel.from_pretrained(output / "unet")
-    assert torch.equal(noising.alphas_cumprod, unet.noise_augmentation_alphas_cumprod)
+    pipeline = DiffusionPipeline.from_pretrained(output)  # diffusers' loader, from the folder alone
+    assert type(pipeline.unet) is IFSuperResUNet2DConditionModel
+    assert torch.equal(
+        pipeline.image_noising_scheduler.alphas_cumprod, pipeline.unet.noise_augmentation_alphas_cumprod
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -318,3 +320,19 @@ def test_tiny_original_checkpoint_script_then_verified_conversion(tmp_path):
     assert result.returncode == 0, result.stderr
     error = float(result.stdout.split("max relative error against deepfloyd_if: ")[1].split()[0])
     assert error < 1e-5
+
+
+def test_converted_folder_loads_and_runs_with_a_prompt(checkpoint, tmp_path, tiny_t5_folder, tiny_tokenizer_folder):
+    """The hub layout is real: diffusers' loader builds the pipeline from the folder alone, with our UNet class,
+    and it turns a text prompt into images."""
+    output = convert_original_checkpoint(
+        checkpoint, tmp_path / "out", text_encoder=tiny_t5_folder, tokenizer=tiny_tokenizer_folder
+    )
+    pipeline = DiffusionPipeline.from_pretrained(output)
+    assert type(pipeline.unet) is IFUNet2DConditionModel
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(
+        "a red circle on a blue background", num_inference_steps=2, height=16, width=16, output_type="pt",
+        generator=torch.Generator().manual_seed(0), clean_caption=False,
+    ).images  # fmt: skip
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()

@@ -20,7 +20,8 @@ SKIP_CONNECTION_SCALE = 0.7071
 
 SUPPORTED_ACTIVATIONS = ("gelu", "silu")
 
-# Keys of `UNetModel.__init__` that only describe numerics of the original runtime, not the weights' function.
+# Keys of `UNetModel.__init__` that do not shape the weights: numerics of the original runtime, dropout, and
+# options `_reject_unsupported` checks.
 _RUNTIME_ONLY_KEYS = {"precision", "dims", "dropout", "conv_resample", "interpolate_mode"}
 _KNOWN_KEYS = {
     "in_channels", "model_channels", "out_channels", "num_res_blocks", "attention_resolutions", "activation",

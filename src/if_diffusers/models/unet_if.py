@@ -1,8 +1,11 @@
 """Stage I of DeepFloyd IF: text -> 64x64 pixels (IF-I-M / IF-I-L / IF-I-XL)."""
 
-from diffusers import UNet2DConditionModel
+from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401  (ModelMixin: see below)
 
 from .text_conditioning import IFTextConditioningMixin
+
+# diffusers' pipeline loader imports this module (model_index.json names it) and looks up `ModelMixin` in it
+# to find how to load the class: the import above is part of the on-disk format.
 
 
 class IFUNet2DConditionModel(IFTextConditioningMixin, UNet2DConditionModel):

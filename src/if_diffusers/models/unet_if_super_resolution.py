@@ -8,12 +8,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401  (ModelMixin: see below)
 from diffusers.configuration_utils import register_to_config
 
 from ..guidance import noise_augment
 from ..scheduling import noising_scheduler
 from .text_conditioning import IFTextConditioningMixin
+
+# diffusers' pipeline loader imports this module (model_index.json names it) and looks up `ModelMixin` in it
+# to find how to load the class: the import above is part of the on-disk format.
 
 LOW_RES_CHANNELS = 3
 
