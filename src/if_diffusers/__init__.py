@@ -1,7 +1,27 @@
-"""DeepFloyd IF for diffusers: the original IF's UNets, checkpoint conversion and (soon) pipelines."""
+"""DeepFloyd IF for diffusers: the original IF's UNets, stage pipelines and checkpoint conversion."""
 
 from .models import IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
+from .pipelines import (
+    IFImg2ImgPipeline,
+    IFImg2ImgSuperResolutionPipeline,
+    IFInpaintingPipeline,
+    IFInpaintingSuperResolutionPipeline,
+    IFPipeline,
+    IFPipelineOutput,
+    IFSuperResolutionPipeline,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["IFSuperResUNet2DConditionModel", "IFUNet2DConditionModel", "__version__"]
+__all__ = [
+    "IFImg2ImgPipeline",
+    "IFImg2ImgSuperResolutionPipeline",
+    "IFInpaintingPipeline",
+    "IFInpaintingSuperResolutionPipeline",
+    "IFPipeline",
+    "IFPipelineOutput",
+    "IFSuperResUNet2DConditionModel",
+    "IFSuperResolutionPipeline",
+    "IFUNet2DConditionModel",
+    "__version__",
+]

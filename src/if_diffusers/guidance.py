@@ -23,3 +23,31 @@ def noise_augment(
     alphas_cumprod = alphas_cumprod.to(device=image.device, dtype=image.dtype)
     alpha_bar = alphas_cumprod[level.to(image.device)].flatten().view(-1, *([1] * (image.ndim - 1)))
     return alpha_bar**0.5 * image + (1 - alpha_bar) ** 0.5 * noise
+
+
+def classifier_free_guidance(
+    model_output: torch.Tensor,
+    guidance_scale: float,
+    channels: int = 3,
+    positive_mixer: float | None = None,
+) -> torch.Tensor:
+    """Guide a UNet output batched as `[uncond, cond]` (or `[uncond, cond, positive]`) along dim 0.
+
+    `eps = uncond + w * (cond - uncond)` (Ho & Salimans 2022; Imagen's `w`). With a positive prompt, the original
+    IF's mix: `eps = uncond + w * ((1 - m) * cond + m * positive - uncond)`. The learned variance (channels after
+    `channels`) is taken from the conditional half, as in the original and diffusers.
+
+    Args:
+        model_output: `(k * B, 2 * channels, H, W)` with `k` = 2, or 3 when `positive_mixer` is given.
+    Returns: `(B, 2 * channels, H, W)`.
+    """
+    parts = model_output.chunk(2 if positive_mixer is None else 3)
+    uncond, cond = parts[0][:, :channels], parts[1][:, :channels]
+    target = cond if positive_mixer is None else (1 - positive_mixer) * cond + positive_mixer * parts[2][:, :channels]
+    return torch.cat([uncond + guidance_scale * (target - uncond), parts[1][:, channels:]], dim=1)
+
+
+def inpaint_blend(previous: torch.Tensor, updated: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Keep known pixels (mask 0) from the previous sample, take the new one where the mask is 1; as the original's
+    `p_sample(inpainting_mask=...)`: `(1 - m) * x_t + m * x_{t-1}`."""
+    return (1 - mask) * previous + mask * updated

@@ -1,0 +1,20 @@
+"""The six IF stage pipelines, drop-in replacements for diffusers' classes of the same names."""
+
+from diffusers.pipelines.deepfloyd_if import IFPipelineOutput
+
+from .pipeline_if import IFPipeline
+from .pipeline_if_img2img import IFImg2ImgPipeline
+from .pipeline_if_img2img_superresolution import IFImg2ImgSuperResolutionPipeline
+from .pipeline_if_inpainting import IFInpaintingPipeline
+from .pipeline_if_inpainting_superresolution import IFInpaintingSuperResolutionPipeline
+from .pipeline_if_superresolution import IFSuperResolutionPipeline
+
+__all__ = [
+    "IFImg2ImgPipeline",
+    "IFImg2ImgSuperResolutionPipeline",
+    "IFInpaintingPipeline",
+    "IFInpaintingSuperResolutionPipeline",
+    "IFPipeline",
+    "IFPipelineOutput",
+    "IFSuperResolutionPipeline",
+]
