@@ -99,3 +99,41 @@ def tiny_tokenizer_folder(tmp_path_factory) -> Path:
     vocab = [(pieces.id_to_piece(i), pieces.get_score(i)) for i in range(pieces.get_piece_size())]
     T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(root / "tokenizer")
     return root / "tokenizer"
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tiny_t5_folder, tiny_tokenizer_folder):
+    """(tokenizer, text_encoder) objects of the tiny T5."""
+    from transformers import T5EncoderModel, T5Tokenizer
+
+    return T5Tokenizer.from_pretrained(tiny_tokenizer_folder), T5EncoderModel.from_pretrained(tiny_t5_folder).eval()
+
+
+def tiny_unet(stage: str, seed: int = 0):
+    """A tiny random IF UNet of our classes: stage "I" (16px) or "II" (32px, 4x of 8px)."""
+    from if_diffusers import IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
+    from if_diffusers.models.original_params import OriginalUNetParams
+
+    params = ORIGINAL_BASE if stage == "I" else STAGE_II_CONFIGS["super_res"]
+    cls = IFUNet2DConditionModel if stage == "I" else IFSuperResUNet2DConditionModel
+    torch.manual_seed(seed)
+    return randomize_(cls.from_config(OriginalUNetParams.parse(params).to_unet_config()), seed)
+
+
+@pytest.fixture(scope="session")
+def pipeline_components(tiny_text):
+    """`pipeline_components(stage)` -> the components dict of a stage's pipeline (no safety checker)."""
+    from if_diffusers.scheduling import denoising_scheduler, noising_scheduler
+
+    tokenizer, text_encoder = tiny_text
+    unets = {"I": tiny_unet("I"), "II": tiny_unet("II")}
+
+    def build(stage: str) -> dict:
+        components = dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unets[stage],
+                          scheduler=denoising_scheduler(stage), safety_checker=None, feature_extractor=None,
+                          watermarker=None, requires_safety_checker=False)  # fmt: skip
+        if stage == "II":
+            components["image_noising_scheduler"] = noising_scheduler()
+        return components
+
+    return build
