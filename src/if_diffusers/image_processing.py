@@ -48,7 +48,9 @@ def to_image_tensor(image: ImageInput, argument: str, resize_to: int | None = No
     channel count, dtype or value range."""
     items = _as_list(image)
     if not items or not all(isinstance(i, type(items[0])) for i in items):
-        raise ValueError(f"{argument} must be a PIL image, numpy array, tensor or a list of one of them; got {image!r:.80}")
+        raise ValueError(
+            f"{argument} must be a PIL image, numpy array, tensor or a list of one of them; got {image!r:.80}"
+        )
     if isinstance(items[0], PIL.Image.Image):
         arrays = [np.asarray(resize_keeping_aspect(i.convert("RGB"), resize_to) if resize_to else i.convert("RGB"))
                   for i in items]  # fmt: skip

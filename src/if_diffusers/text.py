@@ -23,8 +23,18 @@ _BEFORE_HTML = [
 _AFTER_HTML = [
     (r"@[\w\d]+\b", ""),  # @nickname
     # CJK strokes, katakana extensions, enclosed CJK, CJK compatibility, CJK ideographs (ext. A, hexagrams, unified)
-    *[(rf"[{block}]+", "") for block in (r"\u31c0-\u31ef", r"\u31f0-\u31ff", r"\u3200-\u32ff", r"\u3300-\u33ff",
-                                         r"\u3400-\u4dbf", r"\u4dc0-\u4dff", r"\u4e00-\u9fff")],  # fmt: skip
+    *[
+        (rf"[{block}]+", "")
+        for block in (
+            r"\u31c0-\u31ef",
+            r"\u31f0-\u31ff",
+            r"\u3200-\u32ff",
+            r"\u3300-\u33ff",
+            r"\u3400-\u4dbf",
+            r"\u4dc0-\u4dff",
+            r"\u4e00-\u9fff",
+        )
+    ],  # fmt: skip
     (_DASHES, "-"),  # every kind of dash
     (r"[`´«»“”¨]", '"'),  # quotes to one standard
     (r"[‘’]", "'"),

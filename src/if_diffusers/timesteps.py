@@ -37,7 +37,9 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     for i, count in enumerate(section_counts):
         size = size_per + (1 if i < extra else 0)
         if size < count:
-            raise ValueError(f"section_counts={list(section_counts)}: cannot take {count} steps from a section of {size}")
+            raise ValueError(
+                f"section_counts={list(section_counts)}: cannot take {count} steps from a section of {size}"
+            )
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
         steps += [start + round(stride * j) for j in range(count)]
         start += size
