@@ -309,6 +309,42 @@ def test_compare_with_original_measures_the_conversion(checkpoint, tmp_path):
     assert compare_with_original(checkpoint, output) > 1e-3
 
 
+@pytest.mark.parametrize("precision", ["16", "bf16"])
+def test_compare_with_original_on_half_precision_configs(tmp_path, original_base, precision):
+    """Published configs say precision "16": the oracle must still compare in float32."""
+    source = write_checkpoint(tmp_path / "src", {**ORIGINAL_BASE, "precision": precision},
+                              {k: v.half() for k, v in original_base.state_dict().items()})  # fmt: skip
+    from if_diffusers.conversion.oracle import compare_with_original
+
+    assert compare_with_original(source, convert_original_checkpoint(source, tmp_path / "out", stage="I")) < 1e-5
+
+
+@pytest.mark.parametrize("output", ["same", "parent"])
+def test_output_that_holds_the_checkpoint_is_refused(checkpoint, output):
+    target = checkpoint if output == "same" else checkpoint.parent
+    with pytest.raises(ConversionError, match="holds the checkpoint"):
+        convert_original_checkpoint(checkpoint, target, overwrite=True)
+    assert (checkpoint / "config.yml").is_file() and (checkpoint / "pytorch_model.bin").is_file()
+
+
+def test_failed_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
+    from if_diffusers.atomic_folder import atomic_folder
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if ".partial-" in self.name:
+            raise OSError("rename failed")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"), atomic_folder(tmp_path / "out", overwrite=True) as staging:
+        (staging / "new.txt").write_text("new")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine" and _leftovers(tmp_path) == []
+
+
 def test_tiny_original_checkpoint_script_then_verified_conversion(tmp_path):
     made = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "make_tiny_original_checkpoint.py"), "--output", str(tmp_path / "src"),
@@ -336,3 +372,11 @@ def test_converted_folder_loads_and_runs_with_a_prompt(checkpoint, tmp_path, tin
         generator=torch.Generator().manual_seed(0), clean_caption=False,
     ).images  # fmt: skip
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_num_heads_upsample_is_ignored_with_head_channels(tmp_path):
+    params = {**ORIGINAL_BASE, "num_heads_upsample": 4}  # the original ignores it when num_head_channels is set
+    source = write_checkpoint(tmp_path / "src", params, original_unet(params).state_dict())
+    from if_diffusers.conversion.oracle import compare_with_original
+
+    assert compare_with_original(source, convert_original_checkpoint(source, tmp_path / "out")) < 1e-5

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import ORIGINAL_BASE, STAGE_II_CONFIGS
-from diffusers import UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from if_diffusers import IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
 from if_diffusers.models import PRESETS
@@ -127,14 +127,28 @@ def test_text_cache_is_bypassed_while_training(stage_1, inputs):
     assert pooling.calls == 2
 
 
-def test_text_cache_under_inference_mode(stage_1, inputs):
+def test_text_cache_with_inference_tensors(stage_1, inputs):
+    """Inside inference mode an inference tensor may change in place untracked, so it is never cached there;
+    outside it such a tensor is immutable and identity suffices."""
     x, text = inputs
     pooling = CallCounter(stage_1.add_embedding)
-    with torch.inference_mode(), stage_1.text_cache():
+    with torch.inference_mode():
         text = text.clone()
-        a = stage_1(x, 10, text).sample
-        b = stage_1(x, 10, text).sample
-    assert pooling.calls == 1 and torch.equal(a, b)
+        with stage_1.text_cache():
+            before = stage_1(x, 10, text).sample
+            text.mul_(2)
+            after = stage_1(x, 10, text).sample
+        assert not torch.equal(before, after) and pooling.calls == 2
+    with torch.no_grad(), stage_1.text_cache():
+        a, b = stage_1(x, 10, text).sample, stage_1(x, 20, text).sample
+    assert pooling.calls == 3 and torch.equal(a, after)
+
+
+def test_text_cache_is_bypassed_while_compiling(stage_1, inputs):
+    x, text = inputs
+    compiled = torch.compile(stage_1, backend="eager", fullgraph=True)
+    with torch.no_grad(), stage_1.text_cache():
+        assert torch.allclose(compiled(x, 10, text).sample, stage_1(x, 10, text).sample, atol=1e-6)
 
 
 def test_pooled_text_batch_is_checked(stage_1, inputs):
@@ -167,6 +181,20 @@ def test_super_resolution_forward_draws_no_random_numbers(super_res):
     assert torch.equal(a.sample, b.sample)
 
 
+def test_augmentation_schedule_survives_meta_builds():
+    model = IFSuperResUNet2DConditionModel.from_preset("IF-II-M", device="meta").to_empty(device="cpu")
+    expected = DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod
+    assert torch.equal(model.noise_augmentation_alphas_cumprod, expected)
+    assert model._alphas_cumprod_on(torch.device("cpu")).device.type == "cpu"
+
+
+def test_defaulted_augmentation_keys_are_recorded():
+    model = _tiny(IFSuperResUNet2DConditionModel, STAGE_II_CONFIGS["super_res"])
+    assert {"noise_augmentation_beta_schedule", "noise_augmentation_num_train_timesteps"} <= set(
+        model.config["_use_default_values"]
+    )
+
+
 def test_super_resolution_noise_level_is_per_sample(super_res):
     x, low, text, noise = (
         torch.randn(2, 3, 32, 32),
@@ -195,6 +223,8 @@ def test_super_resolution_noise_level_is_per_sample(super_res):
         ({"augmentation_noise": None}, "needs noise_level and augmentation_noise"),
         ({"augmentation_noise": torch.randn(2, 3, 8, 8)}, r"augmentation_noise has shape \(2, 3, 8, 8\); expected"),
         ({"noise_level": 0.25}, "noise_level has dtype torch.float32"),
+        ({"noise_level": -1}, r"noise_level=-1: expected an augmentation level in \[0, 1000\)"),
+        ({"noise_level": 1000}, r"noise_level=1000: expected an augmentation level in \[0, 1000\)"),
         ({"noise_level": torch.tensor([1, 2, 3])}, r"noise_level .* shape \(3,\); expected an int or \(2,\) integers"),
     ],
 )

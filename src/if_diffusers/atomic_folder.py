@@ -28,15 +28,18 @@ def atomic_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     path = check_writable_folder(path, overwrite).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    old = None
     try:
         yield staging
-        old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             path.rename(old / path.name)
         staging.rename(path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if old is not None and (old / path.name).exists() and not path.exists():
+            (old / path.name).rename(path)  # put the previous folder back
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -51,6 +51,9 @@ def convert_original_checkpoint(
     Returns: the output folder.
     """
     check_writable_folder(output, overwrite)
+    source, target = Path(checkpoint).resolve(), Path(output).resolve()
+    if target == source or target in source.parents:
+        raise ConversionError(f"output={str(output)!r} holds the checkpoint {str(checkpoint)!r}; write elsewhere")
     if variant is not None and variant not in VARIANTS:
         raise ConversionError(f"variant={variant!r}: expected one of {VARIANTS} or None")
     checkpoint = Path(checkpoint)

@@ -74,7 +74,8 @@ def compare_with_original(
     """Run the original UNet of `checkpoint` and the converted `converted/unet` on the same random inputs (one
     image at the config's size, different texts for cross-attention and pooling) and return the relative error."""
     params = read_params(checkpoint)
-    original = build_original_unet(params)
+    # Compare in float32: the original computes in its config's `precision` ("16" in the published configs).
+    original = build_original_unet({**params, "precision": "32"})
     original.load_state_dict({k: v.float() for k, v in read_state_dict(weights_path(checkpoint)).items()})
     original.float().eval()
     is_super_res = int(params["in_channels"]) == 6

@@ -27,8 +27,17 @@ class _CachedText:
 
 
 def _version(tensor: torch.Tensor) -> int:
-    # Inference-mode tensors track no version counter; identity alone must then do.
+    # Inference tensors track no version counter, and outside inference mode they cannot change in place.
     return -1 if tensor.is_inference() else tensor._version
+
+
+def _cacheable(source: torch.Tensor) -> bool:
+    """Whether a cache entry can tell if `source` changed: not while autograd records (a cached graph would be
+    freed by the first backward), not while compiling (the lookup is Python state), and not for an inference tensor
+    inside inference mode (it may change in place without a version count)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    return not (torch.is_inference_mode_enabled() and source.is_inference())
 
 
 class IFTextConditioningMixin:
@@ -88,8 +97,7 @@ class IFTextConditioningMixin:
         self._text_cache_entries = None
 
     def _cached_text(self, name: str, source: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]):
-        # Cached tensors would carry a graph that backward frees after the first step, so training bypasses it.
-        if self._text_cache_depth == 0 or torch.is_grad_enabled():
+        if self._text_cache_depth == 0 or not _cacheable(source):
             return compute(source)
         entries = self._text_cache_entries if self._text_cache_entries is not None else {}
         entry = entries.get(name)

@@ -61,10 +61,24 @@ class IFSuperResUNet2DConditionModel(IFTextConditioningMixin, UNet2DConditionMod
         noise_augmentation_num_train_timesteps: int = 1000,
         **kwargs: Any,
     ):
+        defaults_of_all_keys = self.config.get("_use_default_values")
         super().__init__(*args, **kwargs)
-        schedule = noising_scheduler(noise_augmentation_beta_schedule, noise_augmentation_num_train_timesteps)
-        # Not persistent: derived from the config, so state dicts keep exactly the stock keys.
-        self.register_buffer("noise_augmentation_alphas_cumprod", schedule.alphas_cumprod, persistent=False)
+        if defaults_of_all_keys is not None:  # the stock __init__ registered its own keys' list over ours
+            self.register_to_config(_use_default_values=defaults_of_all_keys)
+        self._schedules_by_device: dict[torch.device, torch.Tensor] = {}
+
+    @property
+    def noise_augmentation_alphas_cumprod(self) -> torch.Tensor:
+        """`(N,)` float32 cumulative alphas of the augmentation schedule, on the CPU. Derived from the config, not
+        stored: state dicts keep exactly the stock keys, and meta builds or `to_empty()` cannot corrupt it."""
+        return noising_scheduler(
+            self.config.noise_augmentation_beta_schedule, self.config.noise_augmentation_num_train_timesteps
+        ).alphas_cumprod
+
+    def _alphas_cumprod_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._schedules_by_device:
+            self._schedules_by_device[device] = self.noise_augmentation_alphas_cumprod.to(device)
+        return self._schedules_by_device[device]
 
     def forward(
         self,
@@ -86,7 +100,7 @@ class IFSuperResUNet2DConditionModel(IFTextConditioningMixin, UNet2DConditionMod
             low_res_image: `(B, 3, h, w)` clean low-resolution image in `[-1, 1]`; upsampled to `(H, W)` bilinearly
                 with `align_corners=True`, as the original does.
             noise_level: augmentation level, an int or `(B,)` integers in `[0, noise_augmentation_num_train_timesteps)`
-                (the original's `aug_level * 1000`).
+                (the original's `aug_level * 1000`); an int is range-checked, a tensor is not (that would synchronise).
             augmentation_noise: `(B, 3, H, W)` standard normal noise for the augmentation, drawn by the caller.
 
         Other arguments are `UNet2DConditionModel.forward`'s. Output: `(B, 6, H, W)` noise and variance prediction.
@@ -99,7 +113,7 @@ class IFSuperResUNet2DConditionModel(IFTextConditioningMixin, UNet2DConditionMod
             return super().forward(sample, timestep, encoder_hidden_states, class_labels, *args, **kwargs)
         noise_level = self._check_low_res_inputs(sample, class_labels, low_res_image, noise_level, augmentation_noise)
         upsampled = F.interpolate(low_res_image, size=sample.shape[-2:], mode="bilinear", align_corners=True)
-        augmented = noise_augment(upsampled, augmentation_noise, noise_level, self.noise_augmentation_alphas_cumprod)
+        augmented = noise_augment(upsampled, augmentation_noise, noise_level, self._alphas_cumprod_on(sample.device))
         # noisy (B, 3, H, W) + augmented low-res (B, 3, H, W) -> (B, 6, H, W)
         model_input = torch.cat([sample, augmented.to(sample.dtype)], dim=1)
         return super().forward(model_input, timestep, encoder_hidden_states, noise_level, *args, **kwargs)
@@ -123,6 +137,9 @@ class IFSuperResUNet2DConditionModel(IFTextConditioningMixin, UNet2DConditionMod
                 f"augmentation_noise has shape {tuple(augmentation_noise.shape)}; expected the upsampled image's "
                 f"{(batch, LOW_RES_CHANNELS, height, width)}"
             )
+        levels = self.config.noise_augmentation_num_train_timesteps
+        if isinstance(noise_level, int) and not 0 <= noise_level < levels:  # tensors are not read: no device sync
+            raise ValueError(f"noise_level={noise_level}: expected an augmentation level in [0, {levels})")
         noise_level = torch.as_tensor(noise_level, device=sample.device)
         if noise_level.is_floating_point() or noise_level.ndim > 1 or noise_level.numel() not in (1, batch):
             raise ValueError(
