@@ -140,7 +140,8 @@ def test_text_cache_with_inference_tensors(stage_1, inputs):
             after = stage_1(x, 10, text).sample
         assert not torch.equal(before, after) and pooling.calls == 2
     with torch.no_grad(), stage_1.text_cache():
-        a, b = stage_1(x, 10, text).sample, stage_1(x, 20, text).sample
+        a = stage_1(x, 10, text).sample
+        stage_1(x, 20, text)
     assert pooling.calls == 3 and torch.equal(a, after)
 
 

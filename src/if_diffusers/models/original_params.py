@@ -214,8 +214,12 @@ def _reject_unsupported(params: dict[str, Any]) -> None:
         ("activation", params.get("activation") in SUPPORTED_ACTIVATIONS, f"one of {SUPPORTED_ACTIVATIONS}"),
         ("interpolate_mode", params.get("interpolate_mode", "bilinear") == "bilinear", "'bilinear'"),
         # num_heads_upsample only matters with a fixed head count (num_head_channels == -1).
-        ("num_heads_upsample", int(params.get("num_head_channels", -1)) != -1
-         or params.get("num_heads_upsample", -1) in (-1, params.get("num_heads", 1)), "-1 or num_heads"),
+        (
+            "num_heads_upsample",
+            int(params.get("num_head_channels", -1)) != -1
+            or params.get("num_heads_upsample", -1) in (-1, params.get("num_heads", 1)),
+            "-1 or num_heads",
+        ),
     ]
     for name, ok, expected in checks:
         if not ok:
