@@ -10,7 +10,6 @@ import contextlib
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,33 +24,13 @@ from ..guidance import classifier_free_guidance, inpaint_blend
 from ..image_processing import check_size, postprocess, size_multiple, to_image_tensor, to_mask_tensor
 from ..text import preprocess_prompts
 from ..timesteps import resolve_timesteps
+from .checks import check_batch
+from .conditioning import Conditioning
 
 logger = logging.get_logger(__name__)
 
 IMAGE_CHANNELS = 3
 DEFAULT_MAX_SEQUENCE_LENGTH = 77  # IF's T5 was trained on 77 tokens
-OUTPUT_TYPES = ("pil", "np", "pt")
-
-
-@dataclass
-class Conditioning:
-    """Everything the UNet sees besides the noisy images, batched for guidance as `[uncond, cond(, positive)]`.
-
-    `prompt_embeds` `(k * B, L, D)`; `pooled_text_embeds` the same shape when the pooled text differs (style
-    transfer); super-resolution adds `upscaled` `(B, 3, H, W)` (clean, or augmented once), `noise_level` `(B,)`
-    and `redraw_augmentation` to redraw the augmentation noise (from `generator`) at every step as the original does.
-    """
-
-    prompt_embeds: torch.Tensor
-    copies: int
-    guidance_scale: float
-    positive_mixer: float | None = None
-    pooled_text_embeds: torch.Tensor | None = None
-    upscaled: torch.Tensor | None = None
-    noise_level: torch.Tensor | None = None
-    redraw_augmentation: bool = False
-    generator: torch.Generator | list[torch.Generator] | None = None
-    cross_attention_kwargs: dict[str, Any] | None = None
 
 
 class IFPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
@@ -163,108 +142,6 @@ class IFPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         mask = tokens.attention_mask.to(device)
         return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
 
-    # --- checks shared by every stage -------------------------------------------------------------------------
-
-    def _check_common_inputs(
-        self,
-        prompt,
-        negative_prompt,
-        prompt_embeds,
-        negative_prompt_embeds,
-        num_images_per_prompt,
-        output_type,
-        callback_steps,
-        callback_on_step_end_tensor_inputs,
-        max_sequence_length,
-        style_prompt=None,
-        style_prompt_embeds=None,
-        positive_prompt=None,
-        positive_prompt_embeds=None,
-        positive_mixer=None,
-        guidance_scale=None,
-    ) -> int:
-        """Validate what every stage takes; returns the prompt batch size."""
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError(
-                "pass exactly one of prompt and prompt_embeds; got " + ("both" if prompt is not None else "neither")
-            )
-        if prompt is not None and not (
-            isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
-        ):
-            raise ValueError(f"prompt must be a str or a list of str; got {type(prompt).__name__}")
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("pass at most one of negative_prompt and negative_prompt_embeds; got both")
-        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-        width = self.unet.config.encoder_hid_dim or self.unet.config.cross_attention_dim
-        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds),
-                             ("style_prompt_embeds", style_prompt_embeds), ("positive_prompt_embeds", positive_prompt_embeds)):  # fmt: skip
-            if embeds is None:
-                continue
-            if embeds.ndim != 3 or embeds.shape[-1] != width:
-                raise ValueError(
-                    f"{name} has shape {tuple(embeds.shape)}; expected (batch, tokens, {width}) for this UNet"
-                )
-            if embeds.shape[0] != batch_size:
-                raise ValueError(f"{name} has batch {embeds.shape[0]}; expected {batch_size} like the prompt")
-        if (
-            negative_prompt_embeds is not None
-            and prompt_embeds is not None
-            and negative_prompt_embeds.shape != prompt_embeds.shape
-        ):
-            raise ValueError(
-                f"negative_prompt_embeds has shape {tuple(negative_prompt_embeds.shape)}; expected prompt_embeds' "
-                f"{tuple(prompt_embeds.shape)}"
-            )
-        for name, text, embeds in (("style_prompt", style_prompt, style_prompt_embeds),
-                                   ("positive_prompt", positive_prompt, positive_prompt_embeds)):  # fmt: skip
-            if text is not None and embeds is not None:
-                raise ValueError(f"pass at most one of {name} and {name}_embeds; got both")
-            if text is not None and len(preprocess_prompts(text, False)) != batch_size:
-                raise ValueError(f"{name} has {len(preprocess_prompts(text, False))} prompts; expected {batch_size}")
-        if (positive_prompt is not None or positive_prompt_embeds is not None) and not (guidance_scale or 0) > 1:
-            raise ValueError(
-                f"positive_prompt mixes guided predictions: it needs guidance_scale > 1; got {guidance_scale}"
-            )
-        if positive_mixer is not None and not 0 <= positive_mixer <= 1:
-            raise ValueError(f"positive_mixer={positive_mixer}: expected a weight in [0, 1]")
-        if (style_prompt is not None or style_prompt_embeds is not None) and not hasattr(self.unet, "text_cache"):
-            raise ValueError(
-                f"style_prompt needs a UNet with a separate pooled-text input; {type(self.unet).__name__} has none: "
-                "load the UNet as if_diffusers.IFUNet2DConditionModel / IFSuperResUNet2DConditionModel"
-            )
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r}: expected a positive int")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r}: expected one of {OUTPUT_TYPES}")
-        if callback_steps is not None and (not isinstance(callback_steps, int) or callback_steps <= 0):
-            raise ValueError(f"callback_steps={callback_steps!r}: expected a positive int")
-        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs names {unknown}; this pipeline exposes {self._callback_tensor_inputs}"
-            )
-        if max_sequence_length is not None and (not isinstance(max_sequence_length, int) or max_sequence_length < 1):
-            raise ValueError(f"max_sequence_length={max_sequence_length!r}: expected a positive int or None")
-        return batch_size
-
-    @staticmethod
-    def _check_strength(strength: float) -> None:
-        if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-            raise ValueError(f"strength={strength!r}: expected a value in (0, 1]")
-
-    def _check_noise_level(self, noise_level: int) -> None:
-        levels = self.image_noising_scheduler.config.num_train_timesteps
-        if not isinstance(noise_level, int) or not 0 <= noise_level < levels:
-            raise ValueError(
-                f"noise_level={noise_level!r}: expected an int in [0, {levels}) (image_noising_scheduler)"
-            )
-
-    @staticmethod
-    def _check_batch(name: str, count: int, batch_size: int, allow_one: bool = False) -> None:
-        if count != batch_size and not (allow_one and count == 1):
-            expected = f"1 or {batch_size}" if allow_one else f"{batch_size}"
-            raise ValueError(f"{name} has {count} images; expected {expected} like the prompt")
-
     # --- conditioning, timesteps, noise -----------------------------------------------------------------------
 
     def _prepare_conditioning(
@@ -354,7 +231,7 @@ class IFPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if image is None:
             raise ValueError(f"{argument} is required: expected a PIL image, an array or a tensor in [-1, 1]")
         tensor = to_image_tensor(image, argument, resize_to)
-        self._check_batch(argument, tensor.shape[0], batch_size)
+        check_batch(argument, tensor.shape[0], batch_size)
         return tensor
 
     def _prepare_mask(self, mask_image, image: torch.Tensor, batch_size: int, resize_to: int | None) -> torch.Tensor:
@@ -362,7 +239,7 @@ class IFPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if mask_image is None:
             raise ValueError("mask_image is required: expected a PIL image, an array or a tensor in [0, 1]")
         mask = to_mask_tensor(mask_image, "mask_image", resize_to)
-        self._check_batch("mask_image", mask.shape[0], batch_size, allow_one=True)
+        check_batch("mask_image", mask.shape[0], batch_size, allow_one=True)
         if mask.shape[-2:] != image.shape[-2:]:
             raise ValueError(
                 f"mask_image has size {tuple(mask.shape[-2:])}; expected the image's {tuple(image.shape[-2:])}"

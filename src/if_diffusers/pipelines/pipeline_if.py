@@ -13,6 +13,7 @@ from transformers import CLIPImageProcessor, T5EncoderModel, T5Tokenizer
 
 from ..image_processing import check_size, size_multiple
 from .base import DEFAULT_MAX_SEQUENCE_LENGTH, IMAGE_CHANNELS, IFPipelineBase
+from .checks import check_common_inputs
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -108,8 +109,8 @@ class IFPipeline(IFPipelineBase):
         Returns: `IFPipelineOutput(images, nsfw_detected, watermark_detected)` or that tuple.
         """
         self._legacy_callback(callback, callback_steps)
-        batch_size = self._check_common_inputs(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, output_type,
+        batch_size = check_common_inputs(
+            self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, output_type,
             callback_steps, callback_on_step_end_tensor_inputs, max_sequence_length, style_prompt,
             style_prompt_embeds, positive_prompt, positive_prompt_embeds, positive_mixer, guidance_scale,
         )  # fmt: skip

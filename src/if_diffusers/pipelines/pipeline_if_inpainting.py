@@ -15,6 +15,7 @@ from transformers import CLIPImageProcessor, T5EncoderModel, T5Tokenizer
 
 from ..image_processing import check_size, size_multiple
 from .base import DEFAULT_MAX_SEQUENCE_LENGTH, IFPipelineBase
+from .checks import check_common_inputs, check_strength
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -100,12 +101,12 @@ class IFInpaintingPipeline(IFPipelineBase):
         Returns: `IFPipelineOutput(images, nsfw_detected, watermark_detected)` or that tuple.
         """
         self._legacy_callback(callback, callback_steps)
-        batch_size = self._check_common_inputs(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, output_type,
+        batch_size = check_common_inputs(
+            self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, output_type,
             callback_steps, callback_on_step_end_tensor_inputs, max_sequence_length, style_prompt,
             style_prompt_embeds, positive_prompt, positive_prompt_embeds, positive_mixer, guidance_scale,
         )  # fmt: skip
-        self._check_strength(strength)
+        check_strength(strength)
         image = self._prepare_image(image, "image", batch_size, resize_to=self.unet.config.sample_size)
         check_size(*image.shape[-2:], size_multiple(self.unet), "image height/image width")
         mask = self._prepare_mask(mask_image, image, batch_size, resize_to=self.unet.config.sample_size)

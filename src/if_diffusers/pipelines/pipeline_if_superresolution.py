@@ -14,6 +14,7 @@ from diffusers.utils import replace_example_docstring
 from transformers import CLIPImageProcessor, T5EncoderModel, T5Tokenizer
 
 from .base import DEFAULT_MAX_SEQUENCE_LENGTH, IMAGE_CHANNELS, IFPipelineBase
+from .checks import check_common_inputs, check_noise_level
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -112,12 +113,12 @@ class IFSuperResolutionPipeline(IFPipelineBase):
         Returns: `IFPipelineOutput(images, nsfw_detected, watermark_detected)` or that tuple.
         """
         self._legacy_callback(callback, callback_steps)
-        batch_size = self._check_common_inputs(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, output_type,
+        batch_size = check_common_inputs(
+            self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, output_type,
             callback_steps, callback_on_step_end_tensor_inputs, max_sequence_length, style_prompt,
             style_prompt_embeds, positive_prompt, positive_prompt_embeds, positive_mixer, guidance_scale,
         )  # fmt: skip
-        self._check_noise_level(noise_level)
+        check_noise_level(noise_level, self.image_noising_scheduler)
         low_res = self._prepare_image(image, "image", batch_size)
         size = self._output_size(low_res, height, width)
         device = self._execution_device
