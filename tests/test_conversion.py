@@ -374,6 +374,19 @@ def test_converted_folder_loads_and_runs_with_a_prompt(checkpoint, tmp_path, tin
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
 
 
+def test_converted_folder_loads_into_our_pipelines(checkpoint, tmp_path, tiny_t5_folder, tiny_tokenizer_folder):
+    """Our pipeline classes load a converted folder with our UNet and IF's stage-I scheduler settings."""
+    import if_diffusers
+
+    output = convert_original_checkpoint(
+        checkpoint, tmp_path / "out", text_encoder=tiny_t5_folder, tokenizer=tiny_tokenizer_folder
+    )
+    for name in ("IFPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline"):
+        pipeline = getattr(if_diffusers, name).from_pretrained(output)
+        assert type(pipeline) is getattr(if_diffusers, name) and type(pipeline.unet) is IFUNet2DConditionModel
+        assert pipeline.scheduler.config.sample_max_value == 1.5 and pipeline.scheduler.config.thresholding
+
+
 def test_num_heads_upsample_is_ignored_with_head_channels(tmp_path):
     params = {**ORIGINAL_BASE, "num_heads_upsample": 4}  # the original ignores it when num_head_channels is set
     source = write_checkpoint(tmp_path / "src", params, original_unet(params).state_dict())

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import accelerate
 import torch
-from diffusers import IFPipeline, IFSuperResolutionPipeline
 from diffusers.utils import logging
 
 from ..atomic_folder import atomic_folder, check_writable_folder
 from ..models import IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
 from ..models.original_params import OriginalParamsError, OriginalUNetParams, Stage
+from ..pipelines import IFPipeline, IFSuperResolutionPipeline
 from ..scheduling import denoising_scheduler, noising_scheduler
 from .key_table import KeyMismatchError, convert_state_dict
 from .original_checkpoint import CONFIG_FILE, CheckpointError, read_params, read_state_dict, weights_path
