@@ -44,6 +44,15 @@ STAGE_II_CONFIGS = {
 ALL_CONFIGS = {**STAGE_I_CONFIGS, **STAGE_II_CONFIGS}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models run on one intra-op thread: on a loaded 2-core machine two threads contend and run ~30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def original_unet(params: dict, seed: int = 0):
     """A random-weight `deepfloyd_if` UNetModel (stage I) or SuperResUNetModel (6 input channels)."""
     torch.manual_seed(seed)

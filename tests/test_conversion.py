@@ -267,7 +267,7 @@ def test_failure_while_writing_leaves_the_old_folder(checkpoint, tmp_path, monke
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("diffusers.IFPipeline.save_pretrained", broken_save)
+    monkeypatch.setattr("if_diffusers.IFPipeline.save_pretrained", broken_save)
     with pytest.raises(OSError, match="disk full"):
         convert_original_checkpoint(checkpoint, output, overwrite=True)
     assert (output / "keep.txt").read_text() == "mine" and _leftovers(tmp_path) == []

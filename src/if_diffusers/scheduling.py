@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+
+import torch
 from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 # The original samples with learned-range variance on a 1000-step cosine schedule and dynamic thresholding
 # (p = 0.95; c = 1.5 at stage I, 1.0 after).
 _SAMPLE_MAX_VALUE = {"I": 1.5, "II": 1.0}
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
 
 def denoising_scheduler(stage: str) -> DDPMScheduler:
@@ -29,3 +34,29 @@ def denoising_scheduler(stage: str) -> DDPMScheduler:
 def noising_scheduler(beta_schedule: str = "squaredcos_cap_v2", num_train_timesteps: int = 1000) -> DDPMScheduler:
     """The `image_noising_scheduler` of super-resolution stages: only its `add_noise` is used."""
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
+
+
+def takes_learned_variance(scheduler: SchedulerMixin) -> bool:
+    """Whether `scheduler.step` takes the UNet's 6 channels `(B, 6, H, W)` (noise and learned variance) rather than
+    the noise alone `(B, 3, H, W)`.
+
+    Only a scheduler whose own `__init__` declares `variance_type`, set to a learned one, takes them: DDPM reads the
+    variance, DPM-Solver and SA-Solver drop it themselves. `Cls.from_config(IF's DDPM config)` copies
+    `variance_type="learned_range"` into every scheduler's config, also into those that never read it (DDIM, Euler,
+    UniPC, ...) and would fail on 6 channels, which is why diffusers' IF pipelines crash with them.
+    """
+    declared = "variance_type" in inspect.signature(type(scheduler).__init__).parameters
+    return declared and scheduler.config.get("variance_type") in LEARNED_VARIANCE_TYPES
+
+
+def set_schedule_precision(scheduler: SchedulerMixin, float64: bool) -> None:
+    """Keep a `DDPMScheduler`'s `alphas_cumprod` in float64, as the original's GaussianDiffusion does, or in float32,
+    as diffusers does. Other schedulers are left as they are.
+
+    Near t = 0, `1 - alphas_cumprod` is ~4e-5 and float32 keeps only ~3 of its digits: the last DDPM step of a
+    float32 schedule moves the image by ~2e-4 against the original (1/30 of an 8-bit level).
+    """
+    if type(scheduler) is not DDPMScheduler:
+        return
+    alphas = 1.0 - scheduler.betas.to(torch.float64 if float64 else torch.float32)
+    scheduler.alphas_cumprod = torch.cumprod(alphas, dim=0).to(scheduler.betas.device)

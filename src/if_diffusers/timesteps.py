@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 # deepfloyd_if/modules/base.py `respacing_modes`: step counts per equal section of the 1000 training steps.
@@ -41,7 +42,12 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
                 f"section_counts={list(section_counts)}: cannot take {count} steps from a section of {size}"
             )
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
-        steps += [start + round(stride * j) for j in range(count)]
+        position = 0.0
+        for _ in range(count):
+            # Accumulated, not `stride * j`: the float sums differ in the last bit and round to other steps
+            # (super40 would take 950 where the original takes 949).
+            steps.append(start + round(position))
+            position += stride
         start += size
     return sorted(set(steps), reverse=True)
 
@@ -60,10 +66,22 @@ def resolve_timesteps(timesteps: str | Sequence[int] | None, num_train_timesteps
                 f"timesteps={timesteps!r} is not a preset: expected one of {sorted(RESPACING_PRESETS)}, a section "
                 "string such as '10,10,3', 'ddimN', or a list of integers"
             )
-        return space_timesteps(num_train_timesteps, spec)
-    steps = [int(t) for t in timesteps]
+        try:
+            steps = space_timesteps(num_train_timesteps, spec)
+        except ValueError as error:
+            raise ValueError(f"timesteps={timesteps!r}: {error}") from None
+        if not steps:
+            raise ValueError(f"timesteps={timesteps!r} keeps no step: give at least one section a positive count")
+        return steps
+    try:  # integers only: 500.7 is not silently cut to 500
+        steps = [operator.index(t) for t in timesteps]
+    except TypeError:
+        raise ValueError(
+            f"timesteps={timesteps!r}: expected a preset name {sorted(RESPACING_PRESETS)}, a section string, or a list "
+            "of integers (for a number of steps, use num_inference_steps)"
+        ) from None
     if not steps or steps != sorted(set(steps), reverse=True) or steps[0] >= num_train_timesteps or steps[-1] < 0:
         raise ValueError(
-            f"timesteps={list(timesteps)}: expected distinct integers in [0, {num_train_timesteps}) in descending order"
+            f"timesteps={steps}: expected distinct integers in [0, {num_train_timesteps}) in descending order"
         )
     return steps

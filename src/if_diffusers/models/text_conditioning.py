@@ -1,5 +1,6 @@
 """What every IF UNet adds to diffusers' `UNet2DConditionModel`: a separate text input for the attention pooling
-into the time embedding, a per-generation cache of the text projection and pooling, and the published presets."""
+into the time embedding, a per-generation cache of the text projection and pooling, the published presets, and SDPA
+attention kept when slicing is switched off."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .attention import restore_sdpa_processors
 from .presets import PRESETS
 
 
@@ -47,6 +49,8 @@ class IFTextConditioningMixin:
       embedding, while `encoder_hidden_states` drives cross-attention: the original's `timestep_text_emb`, used by
       style transfer (the style prompt is pooled, the content prompt is attended to). Without it both use
       `encoder_hidden_states`, as in the original and in diffusers.
+    * `set_attention_slice(None)` (so `pipe.disable_attention_slicing()`) restores the SDPA attention processors the
+      UNet was built with; `set_default_attn_processor()` still sets diffusers' reference `AttnAddedKVProcessor`.
     * Inside `with unet.text_cache():` the text projection (`encoder_hid_proj`) and pooling (`add_embedding`) are
       computed once per distinct input tensor and reused across denoising steps, like the original's `use_cache`.
       A different tensor, or the same tensor modified in place, is recomputed, so a cache never serves a stale
@@ -95,6 +99,12 @@ class IFTextConditioningMixin:
     def clear_text_cache(self) -> None:
         """Drop the cached text projection and pooling."""
         self._text_cache_entries = None
+
+    def set_attention_slice(self, slice_size: str | int | list[int | None] | None = "auto") -> None:
+        # identical to UNet2DConditionModel.set_attention_slice except: layers given no slice (None) get the SDPA
+        # processor back rather than the slower plain one diffusers picks (see `if_diffusers.models.attention`).
+        super().set_attention_slice(slice_size)
+        restore_sdpa_processors(self)
 
     def _cached_text(self, name: str, source: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]):
         if self._text_cache_depth == 0 or not _cacheable(source):

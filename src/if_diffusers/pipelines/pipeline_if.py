@@ -12,8 +12,9 @@ from diffusers.utils import replace_example_docstring
 from transformers import CLIPImageProcessor, T5EncoderModel, T5Tokenizer
 
 from ..image_processing import check_size, size_multiple
+from ..models import IFUNet2DConditionModel
 from .base import DEFAULT_MAX_SEQUENCE_LENGTH, IMAGE_CHANNELS, IFPipelineBase
-from .checks import check_common_inputs
+from .checks import check_common_inputs, check_timesteps
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -38,7 +39,7 @@ class IFPipeline(IFPipelineBase):
         self,
         tokenizer: T5Tokenizer,
         text_encoder: T5EncoderModel,
-        unet: UNet2DConditionModel,
+        unet: IFUNet2DConditionModel | UNet2DConditionModel,  # the plugin's class, or diffusers' (hub folders)
         scheduler: DDPMScheduler,
         safety_checker: IFSafetyChecker | None,
         feature_extractor: CLIPImageProcessor | None,
@@ -81,6 +82,7 @@ class IFPipeline(IFPipelineBase):
         positive_prompt: str | list[str] | None = None,
         positive_prompt_embeds: torch.Tensor | None = None,
         positive_mixer: float = 0.25,
+        float64_schedule: bool = True,
     ):
         """Generate stage-I images from text.
 
@@ -103,6 +105,8 @@ class IFPipeline(IFPipelineBase):
                 original's style transfer); the prompt still drives cross-attention.
             positive_prompt, positive_prompt_embeds, positive_mixer: the original's positive-prompt mixing,
                 `eps = u + w * ((1 - m) * c + m * p - u)`.
+            float64_schedule: keep the DDPM schedule in float64 as the original IF does (`False`: float32, as
+                diffusers; the last steps then move by ~2e-4).
 
         Examples:
 
@@ -113,8 +117,11 @@ class IFPipeline(IFPipelineBase):
             self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, output_type,
             callback_steps, callback_on_step_end_tensor_inputs, max_sequence_length, style_prompt,
             style_prompt_embeds, positive_prompt, positive_prompt_embeds, positive_mixer, guidance_scale,
+            generator=generator,
         )  # fmt: skip
-        height, width = height or self.unet.config.sample_size, width or self.unet.config.sample_size
+        check_timesteps(self.scheduler, num_inference_steps, timesteps)
+        height = self.unet.config.sample_size if height is None else height
+        width = self.unet.config.sample_size if width is None else width
         check_size(height, width, size_multiple(self.unet))
         device = self._execution_device
 
@@ -125,7 +132,7 @@ class IFPipeline(IFPipelineBase):
             style_prompt_embeds=style_prompt_embeds, positive_prompt=positive_prompt,
             positive_prompt_embeds=positive_prompt_embeds, positive_mixer=positive_mixer,
         )  # fmt: skip
-        timesteps = self._prepare_timesteps(num_inference_steps, timesteps, device)
+        timesteps = self._prepare_timesteps(num_inference_steps, timesteps, device, float64_schedule=float64_schedule)
         shape = (batch_size * num_images_per_prompt, IMAGE_CHANNELS, height, width)
         images = self._initial_noise(shape, conditioning.prompt_embeds.dtype, device, generator)
 

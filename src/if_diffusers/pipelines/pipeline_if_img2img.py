@@ -13,9 +13,9 @@ from diffusers.pipelines.deepfloyd_if import IFSafetyChecker, IFWatermarker
 from diffusers.utils import replace_example_docstring
 from transformers import CLIPImageProcessor, T5EncoderModel, T5Tokenizer
 
-from ..image_processing import check_size, size_multiple
+from ..models import IFUNet2DConditionModel
 from .base import DEFAULT_MAX_SEQUENCE_LENGTH, IFPipelineBase
-from .checks import check_common_inputs, check_strength
+from .checks import check_common_inputs, check_strength, check_timesteps
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -38,7 +38,7 @@ class IFImg2ImgPipeline(IFPipelineBase):
         self,
         tokenizer: T5Tokenizer,
         text_encoder: T5EncoderModel,
-        unet: UNet2DConditionModel,
+        unet: IFUNet2DConditionModel | UNet2DConditionModel,  # the plugin's class, or diffusers' (hub folders)
         scheduler: DDPMScheduler,
         safety_checker: IFSafetyChecker | None,
         feature_extractor: CLIPImageProcessor | None,
@@ -81,6 +81,7 @@ class IFImg2ImgPipeline(IFPipelineBase):
         positive_prompt: str | list[str] | None = None,
         positive_prompt_embeds: torch.Tensor | None = None,
         positive_mixer: float = 0.25,
+        float64_schedule: bool = True,
     ):
         """Vary `image` towards the prompt.
 
@@ -93,6 +94,8 @@ class IFImg2ImgPipeline(IFPipelineBase):
                 callback_steps, clean_caption, cross_attention_kwargs, callback_on_step_end,
                 callback_on_step_end_tensor_inputs, max_sequence_length, style_prompt(_embeds),
                 positive_prompt(_embeds), positive_mixer: as in `IFPipeline.__call__`.
+            float64_schedule: keep the DDPM schedule in float64 as the original IF does (`False`: float32, as
+                diffusers; the last steps then move by ~2e-4).
 
         Examples:
 
@@ -103,10 +106,11 @@ class IFImg2ImgPipeline(IFPipelineBase):
             self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, output_type,
             callback_steps, callback_on_step_end_tensor_inputs, max_sequence_length, style_prompt,
             style_prompt_embeds, positive_prompt, positive_prompt_embeds, positive_mixer, guidance_scale,
+            generator=generator,
         )  # fmt: skip
         check_strength(strength)
-        image = self._prepare_image(image, "image", batch_size, resize_to=self.unet.config.sample_size)
-        check_size(*image.shape[-2:], size_multiple(self.unet), "image height/image width")
+        check_timesteps(self.scheduler, num_inference_steps, timesteps, strength)
+        image = self._prepare_image(image, "image", batch_size, self.unet.config.sample_size, unet_size=True)
         device = self._execution_device
         conditioning = self._prepare_conditioning(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
@@ -116,7 +120,9 @@ class IFImg2ImgPipeline(IFPipelineBase):
             positive_prompt_embeds=positive_prompt_embeds, positive_mixer=positive_mixer,
         )  # fmt: skip
         dtype = conditioning.prompt_embeds.dtype
-        timesteps = self._prepare_timesteps(num_inference_steps, timesteps, device, strength)
+        timesteps = self._prepare_timesteps(
+            num_inference_steps, timesteps, device, strength, float64_schedule=float64_schedule
+        )
         image = self._per_image(image, batch_size, num_images_per_prompt, device, dtype)
         images = self._noised_start(image, timesteps, generator)
 

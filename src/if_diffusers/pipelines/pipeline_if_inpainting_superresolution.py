@@ -13,9 +13,9 @@ from diffusers.pipelines.deepfloyd_if import IFSafetyChecker, IFWatermarker
 from diffusers.utils import replace_example_docstring
 from transformers import CLIPImageProcessor, T5EncoderModel, T5Tokenizer
 
-from ..image_processing import check_size, size_multiple
+from ..models import IFSuperResUNet2DConditionModel
 from .base import DEFAULT_MAX_SEQUENCE_LENGTH, IFPipelineBase
-from .checks import check_common_inputs, check_noise_level, check_strength
+from .checks import check_common_inputs, check_noise_level, check_strength, check_timesteps
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -41,7 +41,7 @@ class IFInpaintingSuperResolutionPipeline(IFPipelineBase):
         self,
         tokenizer: T5Tokenizer,
         text_encoder: T5EncoderModel,
-        unet: UNet2DConditionModel,
+        unet: IFSuperResUNet2DConditionModel | UNet2DConditionModel,  # the plugin's class, or diffusers' (hub folders)
         scheduler: DDPMScheduler,
         image_noising_scheduler: DDPMScheduler,
         safety_checker: IFSafetyChecker | None,
@@ -90,6 +90,7 @@ class IFInpaintingSuperResolutionPipeline(IFPipelineBase):
         positive_prompt_embeds: torch.Tensor | None = None,
         positive_mixer: float = 0.5,
         redraw_augmentation_noise: bool = False,
+        float64_schedule: bool = True,
     ):
         """Repaint the masked part of `original_image` at high resolution, guided by the low-res `image` and the prompt.
 
@@ -109,6 +110,8 @@ class IFInpaintingSuperResolutionPipeline(IFPipelineBase):
                 cross_attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs,
                 max_sequence_length, style_prompt(_embeds), positive_prompt(_embeds), positive_mixer (0.5 here, as
                 the original's stage II): as in `IFPipeline.__call__`.
+            float64_schedule: keep the DDPM schedule in float64 as the original IF does (`False`: float32, as
+                diffusers; the last steps then move by ~2e-4).
 
         Examples:
 
@@ -119,13 +122,15 @@ class IFInpaintingSuperResolutionPipeline(IFPipelineBase):
             self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, output_type,
             callback_steps, callback_on_step_end_tensor_inputs, max_sequence_length, style_prompt,
             style_prompt_embeds, positive_prompt, positive_prompt_embeds, positive_mixer, guidance_scale,
+            generator=generator,
         )  # fmt: skip
         check_noise_level(noise_level, self.image_noising_scheduler)
         check_strength(strength)
+        check_timesteps(self.scheduler, num_inference_steps, timesteps, strength)
+        sample_size = self.unet.config.sample_size
         low_res = self._prepare_image(image, "image", batch_size)
-        original = self._prepare_image(original_image, "original_image", batch_size, self.unet.config.sample_size)
-        check_size(*original.shape[-2:], size_multiple(self.unet), "original_image height/original_image width")
-        mask = self._prepare_mask(mask_image, original, batch_size, resize_to=self.unet.config.sample_size)
+        original = self._prepare_image(original_image, "original_image", batch_size, sample_size, unet_size=True)
+        mask = self._prepare_mask(mask_image, original, batch_size, resize_to=sample_size)
         device = self._execution_device
         conditioning = self._prepare_conditioning(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
@@ -135,7 +140,9 @@ class IFInpaintingSuperResolutionPipeline(IFPipelineBase):
             positive_prompt_embeds=positive_prompt_embeds, positive_mixer=positive_mixer,
         )  # fmt: skip
         dtype = conditioning.prompt_embeds.dtype
-        timesteps = self._prepare_timesteps(num_inference_steps, timesteps, device, strength)
+        timesteps = self._prepare_timesteps(
+            num_inference_steps, timesteps, device, strength, float64_schedule=float64_schedule
+        )
         original = self._per_image(original, batch_size, num_images_per_prompt, device, dtype)
         mask = self._per_image(mask, batch_size, num_images_per_prompt, device, dtype)
         images = self._noised_start(original, timesteps, generator, mask)

@@ -13,8 +13,9 @@ from diffusers.pipelines.deepfloyd_if import IFSafetyChecker, IFWatermarker
 from diffusers.utils import replace_example_docstring
 from transformers import CLIPImageProcessor, T5EncoderModel, T5Tokenizer
 
+from ..models import IFSuperResUNet2DConditionModel
 from .base import DEFAULT_MAX_SEQUENCE_LENGTH, IMAGE_CHANNELS, IFPipelineBase
-from .checks import check_common_inputs, check_noise_level
+from .checks import check_common_inputs, check_noise_level, check_timesteps
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -41,7 +42,7 @@ class IFSuperResolutionPipeline(IFPipelineBase):
         self,
         tokenizer: T5Tokenizer,
         text_encoder: T5EncoderModel,
-        unet: UNet2DConditionModel,
+        unet: IFSuperResUNet2DConditionModel | UNet2DConditionModel,  # the plugin's class, or diffusers' (hub folders)
         scheduler: DDPMScheduler,
         image_noising_scheduler: DDPMScheduler,
         safety_checker: IFSafetyChecker | None,
@@ -89,6 +90,7 @@ class IFSuperResolutionPipeline(IFPipelineBase):
         positive_prompt_embeds: torch.Tensor | None = None,
         positive_mixer: float = 0.5,
         redraw_augmentation_noise: bool = False,
+        float64_schedule: bool = True,
     ):
         """Upscale `image` 4x following the prompt.
 
@@ -107,6 +109,8 @@ class IFSuperResolutionPipeline(IFPipelineBase):
                 cross_attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs,
                 max_sequence_length, style_prompt(_embeds), positive_prompt(_embeds), positive_mixer (0.5 here, as
                 the original's stage II): as in `IFPipeline.__call__`.
+            float64_schedule: keep the DDPM schedule in float64 as the original IF does (`False`: float32, as
+                diffusers; the last steps then move by ~2e-4).
 
         Examples:
 
@@ -117,8 +121,10 @@ class IFSuperResolutionPipeline(IFPipelineBase):
             self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, output_type,
             callback_steps, callback_on_step_end_tensor_inputs, max_sequence_length, style_prompt,
             style_prompt_embeds, positive_prompt, positive_prompt_embeds, positive_mixer, guidance_scale,
+            generator=generator,
         )  # fmt: skip
         check_noise_level(noise_level, self.image_noising_scheduler)
+        check_timesteps(self.scheduler, num_inference_steps, timesteps)
         low_res = self._prepare_image(image, "image", batch_size)
         size = self._output_size(low_res, height, width)
         device = self._execution_device
@@ -130,7 +136,7 @@ class IFSuperResolutionPipeline(IFPipelineBase):
             positive_prompt_embeds=positive_prompt_embeds, positive_mixer=positive_mixer,
         )  # fmt: skip
         dtype = conditioning.prompt_embeds.dtype
-        timesteps = self._prepare_timesteps(num_inference_steps, timesteps, device)
+        timesteps = self._prepare_timesteps(num_inference_steps, timesteps, device, float64_schedule=float64_schedule)
         shape = (batch_size * num_images_per_prompt, IMAGE_CHANNELS, *size)
         images = self._initial_noise(shape, dtype, device, generator)
         conditioning = self._add_low_res(conditioning, low_res, size, num_images_per_prompt, noise_level, generator,
