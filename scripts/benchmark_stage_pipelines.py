@@ -45,7 +45,7 @@ def build_pipelines(preset: str, device: torch.device, dtype: torch.dtype):
     return stage, pipelines
 
 
-def run_once(pipeline, stage: str, inputs: dict, timesteps: str, device: torch.device) -> tuple[torch.Tensor, float]:
+def run_once(pipeline, inputs: dict, timesteps: list[int], device: torch.device) -> tuple[torch.Tensor, float]:
     """One generation; returns the images `(B, 3, H, W)` and its wall time in seconds."""
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--timesteps", default="smart27", help="respacing preset for both pipelines")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--float32-schedule", action="store_true",
+                        help="run ours with diffusers' float32 DDPM schedule (float64_schedule=False) for parity")  # fmt: skip
     args = parser.parse_args()
     if args.repeats < 1 or args.batch_size < 1:
         parser.error(f"--repeats={args.repeats} and --batch-size={args.batch_size} must be positive")
@@ -84,12 +86,15 @@ def main() -> None:
 
     results = {}
     for label, pipeline in (("diffusers", theirs), ("if_diffusers", ours)):
-        run_once(pipeline, stage, inputs, steps, device)  # warm-up
+        pipeline_inputs = (
+            dict(inputs, float64_schedule=False) if label == "if_diffusers" and args.float32_schedule else inputs
+        )
+        run_once(pipeline, pipeline_inputs, steps, device)  # warm-up
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(args.repeats):
-            images, seconds = run_once(pipeline, stage, inputs, steps, device)
+            images, seconds = run_once(pipeline, pipeline_inputs, steps, device)
             times.append(seconds)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         results[label] = (images.float(), statistics.median(times), peak)
@@ -97,7 +102,8 @@ def main() -> None:
     difference = (results["if_diffusers"][0] - results["diffusers"][0]).abs().max().item()
     base_time = results["diffusers"][1]
     print(f"{args.preset} {args.dtype} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
-          f"batch {args.batch_size}, {len(steps)} steps ({args.timesteps}), median of {args.repeats}")  # fmt: skip
+          f"batch {args.batch_size}, {len(steps)} steps ({args.timesteps}), median of {args.repeats}, "
+          f"our DDPM schedule in {'float32' if args.float32_schedule else 'float64'}")  # fmt: skip
     print(f"{'pipeline':<14}{'s/image set':>12}{'ms/step':>10}{'peak GiB':>10}{'speed vs diffusers':>20}")
     for label, (_, seconds, peak) in results.items():
         print(
