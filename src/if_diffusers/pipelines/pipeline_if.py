@@ -13,8 +13,9 @@ from transformers import CLIPImageProcessor, T5EncoderModel, T5Tokenizer
 
 from ..image_processing import check_size, size_multiple
 from ..models import IFUNet2DConditionModel
-from .base import DEFAULT_MAX_SEQUENCE_LENGTH, IMAGE_CHANNELS, IFPipelineBase
+from .base import IMAGE_CHANNELS, IFPipelineBase
 from .checks import check_common_inputs, check_timesteps
+from .conditioning import DEFAULT_MAX_SEQUENCE_LENGTH
 
 EXAMPLE_DOC_STRING = """
     Examples:

@@ -14,8 +14,9 @@ from diffusers.utils import replace_example_docstring
 from transformers import CLIPImageProcessor, T5EncoderModel, T5Tokenizer
 
 from ..models import IFSuperResUNet2DConditionModel
-from .base import DEFAULT_MAX_SEQUENCE_LENGTH, IMAGE_CHANNELS, IFPipelineBase
+from .base import IMAGE_CHANNELS, IFPipelineBase
 from .checks import check_common_inputs, check_noise_level, check_timesteps
+from .conditioning import DEFAULT_MAX_SEQUENCE_LENGTH
 
 EXAMPLE_DOC_STRING = """
     Examples:
