@@ -95,3 +95,17 @@ def test_prompt_embeds_reuse_matches_diffusers(pipeline_components, name, stage,
     a = ours(**run, float64_schedule=False, generator=torch.Generator().manual_seed(1)).images
     b = theirs(**run, generator=torch.Generator().manual_seed(1)).images
     assert (a - b).abs().max() < TOLERANCE
+
+
+@pytest.mark.parametrize("name", sorted({case[0] for case in CASES}))
+def test_call_signature_extends_diffusers(name):
+    """Drop-in: diffusers' `__call__` arguments come first, in its order, with its defaults and kinds; ours only add
+    keyword-only arguments after them, and the components are the same."""
+    import inspect
+
+    theirs = list(inspect.signature(getattr(diffusers, name).__call__).parameters.values())
+    ours = list(inspect.signature(getattr(if_diffusers, name).__call__).parameters.values())
+    assert [(p.name, p.default, p.kind) for p in ours[: len(theirs)]] == [(p.name, p.default, p.kind) for p in theirs]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(theirs) :])
+    components = list(inspect.signature(getattr(diffusers, name).__init__).parameters)
+    assert list(inspect.signature(getattr(if_diffusers, name).__init__).parameters) == components
