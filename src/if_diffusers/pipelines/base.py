@@ -32,7 +32,6 @@ from ..image_processing import (
 )
 from ..models.attention import restore_sdpa_processors
 from ..scheduling import set_schedule_precision, takes_learned_variance
-from ..timesteps import resolve_timesteps
 from .checks import check_batch
 from .conditioning import Conditioning, PromptConditioningMixin
 
@@ -90,13 +89,12 @@ class IFPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, PromptCo
 
     # --- timesteps and noise ---------------------------------------------------------------------------------
 
-    def _prepare_timesteps(self, num_inference_steps: int, timesteps, device, strength: float | None = None,
-                           float64_schedule: bool = True) -> torch.Tensor:  # fmt: skip
-        """Set the scheduler's timesteps (a count, a respacing preset or a list, checked by `check_timesteps`) and its
-        schedule's precision; img2img keeps the last `strength` of them (diffusers' `get_timesteps`). Returns the
+    def _prepare_timesteps(self, num_inference_steps: int, steps: list[int] | None, device,
+                           strength: float | None = None, float64_schedule: bool = True) -> torch.Tensor:  # fmt: skip
+        """Set the scheduler's timesteps (`steps` as `check_timesteps` resolved them, or `num_inference_steps`) and
+        its schedule's precision; img2img keeps the last `strength` of them (diffusers' `get_timesteps`). Returns the
         timesteps to run."""
         set_schedule_precision(self.scheduler, float64_schedule)
-        steps = resolve_timesteps(timesteps, self.scheduler.config.num_train_timesteps)
         if steps is not None:
             self.scheduler.set_timesteps(timesteps=steps, device=device)
             num_inference_steps = len(steps)
@@ -114,8 +112,7 @@ class IFPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, PromptCo
         return self.scheduler.timesteps[start:]
 
     def _initial_noise(self, shape: tuple[int, ...], dtype, device, generator) -> torch.Tensor:
-        if isinstance(generator, list) and len(generator) != shape[0]:
-            raise ValueError(f"generator is a list of {len(generator)}; expected one per image ({shape[0]})")
+        """Starting noise `shape` from `generator` (a list has one per image: `check_common_inputs`)."""
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
     def _noised_start(self, image: torch.Tensor, timesteps: torch.Tensor, generator, mask=None) -> torch.Tensor:
@@ -237,6 +234,9 @@ class IFPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, PromptCo
         """
         self._num_timesteps = len(timesteps)
         uses_variance = takes_learned_variance(self.scheduler)  # else keep the noise channels only
+        # diffusers' LMS takes order min(step_index + 1, 4), more than the derivatives it holds when img2img starts
+        # inside the schedule (its first steps then go wrong): cap the order by what it holds.
+        caps_lms_order = isinstance(self.scheduler, LMSDiscreteScheduler)
         text_cache = self.unet.text_cache() if hasattr(self.unet, "text_cache") else contextlib.nullcontext()
         prompt_embeds = conditioning.prompt_embeds
         if conditioning.redraw_augmentation:  # the schedule to the device now: its first copy inside the loop syncs
@@ -266,9 +266,7 @@ class IFPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, PromptCo
                 if not uses_variance:
                     noise_pred = noise_pred[:, :IMAGE_CHANNELS]
                 previous = images
-                if isinstance(self.scheduler, LMSDiscreteScheduler):
-                    # diffusers' LMS takes order min(step_index + 1, 4), more than the derivatives it holds when
-                    # img2img starts inside the schedule; the count of derivatives is host-side, no sync.
+                if caps_lms_order:  # the count of derivatives is host-side: no sync
                     step_kwargs["order"] = min(len(self.scheduler.derivatives) + 1, LMS_ORDER)
                 images = self.scheduler.step(noise_pred, t, images, **step_kwargs, return_dict=False)[0]
                 if mask is not None:

@@ -146,9 +146,10 @@ def check_noise_level(noise_level: int, image_noising_scheduler) -> None:
         raise ValueError(f"noise_level={noise_level!r}: expected an int in [0, {levels}) (image_noising_scheduler)")
 
 
-def check_timesteps(scheduler, num_inference_steps: int, timesteps, strength: float | None = None) -> None:
+def check_timesteps(scheduler, num_inference_steps: int, timesteps, strength: float | None = None) -> list[int] | None:
     """`timesteps` (a preset name, a section string or a list) or else `num_inference_steps`, checked before any
-    model runs: the scheduler must take custom timesteps, and `strength` must keep at least one of them."""
+    model runs: the scheduler must take custom timesteps, and `strength` must keep at least one of them. Returns the
+    resolved timesteps (descending integers), or `None` when `num_inference_steps` applies."""
     steps = resolve_timesteps(timesteps, scheduler.config.num_train_timesteps)
     if steps is not None and "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
         raise ValueError(
@@ -168,6 +169,7 @@ def check_timesteps(scheduler, num_inference_steps: int, timesteps, strength: fl
             f"strength={strength} starts inside the schedule, which PNDMScheduler cannot do (its warm-up assumes the "
             "first timesteps); use another scheduler (DDPMScheduler, DDIMScheduler, ...) or strength=1"
         )
+    return steps
 
 
 def check_batch(name: str, count: int, batch_size: int, allow_one: bool = False) -> None:

@@ -120,7 +120,7 @@ class IFPipeline(IFPipelineBase):
             style_prompt_embeds, positive_prompt, positive_prompt_embeds, positive_mixer, guidance_scale,
             generator=generator,
         )  # fmt: skip
-        check_timesteps(self.scheduler, num_inference_steps, timesteps)
+        timesteps = check_timesteps(self.scheduler, num_inference_steps, timesteps)
         height = self.unet.config.sample_size if height is None else height
         width = self.unet.config.sample_size if width is None else width
         check_size(height, width, size_multiple(self.unet))

@@ -110,7 +110,7 @@ class IFImg2ImgPipeline(IFPipelineBase):
             generator=generator,
         )  # fmt: skip
         check_strength(strength)
-        check_timesteps(self.scheduler, num_inference_steps, timesteps, strength)
+        timesteps = check_timesteps(self.scheduler, num_inference_steps, timesteps, strength)
         image = self._prepare_image(image, "image", batch_size, self.unet.config.sample_size, unet_size=True)
         device = self._execution_device
         conditioning = self._prepare_conditioning(

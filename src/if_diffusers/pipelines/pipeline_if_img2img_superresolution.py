@@ -125,7 +125,7 @@ class IFImg2ImgSuperResolutionPipeline(IFPipelineBase):
         )  # fmt: skip
         check_noise_level(noise_level, self.image_noising_scheduler)
         check_strength(strength)
-        check_timesteps(self.scheduler, num_inference_steps, timesteps, strength)
+        timesteps = check_timesteps(self.scheduler, num_inference_steps, timesteps, strength)
         sample_size = self.unet.config.sample_size
         low_res = self._prepare_image(image, "image", batch_size)
         original = self._prepare_image(original_image, "original_image", batch_size, sample_size, unet_size=True)

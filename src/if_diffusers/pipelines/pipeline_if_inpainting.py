@@ -112,7 +112,7 @@ class IFInpaintingPipeline(IFPipelineBase):
             generator=generator,
         )  # fmt: skip
         check_strength(strength)
-        check_timesteps(self.scheduler, num_inference_steps, timesteps, strength)
+        timesteps = check_timesteps(self.scheduler, num_inference_steps, timesteps, strength)
         image = self._prepare_image(image, "image", batch_size, self.unet.config.sample_size, unet_size=True)
         mask = self._prepare_mask(mask_image, image, batch_size, resize_to=self.unet.config.sample_size)
         device = self._execution_device

@@ -125,7 +125,7 @@ class IFSuperResolutionPipeline(IFPipelineBase):
             generator=generator,
         )  # fmt: skip
         check_noise_level(noise_level, self.image_noising_scheduler)
-        check_timesteps(self.scheduler, num_inference_steps, timesteps)
+        timesteps = check_timesteps(self.scheduler, num_inference_steps, timesteps)
         low_res = self._prepare_image(image, "image", batch_size)
         size = self._output_size(low_res, height, width)
         device = self._execution_device
