@@ -1,8 +1,10 @@
 """Convert a DeepFloyd IF checkpoint folder (config.yml + pytorch_model.bin/model.safetensors) to the Hugging Face
-hub layout. A thin front-end over `if_diffusers.conversion.convert_original_checkpoint`.
+hub layout, ready to upload: model card, checksum manifest and, with --validate, a one-step run of the folder. A thin
+front-end over `if_diffusers.conversion.convert_original_checkpoint` and `validate_converted`.
 
     python scripts/convert_original_to_diffusers.py --checkpoint IF-I-XL-v1.0 --output IF-I-XL-diffusers \\
-        --variant fp16 --text-encoder t5-v1_1-xxl --tokenizer t5-v1_1-xxl
+        --variant fp16 --text-encoder t5-v1_1-xxl --tokenizer t5-v1_1-xxl --validate
+    python scripts/convert_original_to_diffusers.py --output IF-I-XL-diffusers --variant fp16 --validate
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import argparse
 import logging
 import sys
 
-from if_diffusers.conversion import ConversionError, convert_original_checkpoint
+from if_diffusers.conversion import ConversionError, convert_original_checkpoint, validate_converted
 from if_diffusers.conversion.oracle import compare_with_original
 
 VERIFY_TOLERANCE = 1e-4  # float32 conversions measure about 1e-6
@@ -19,14 +21,31 @@ VERIFY_TOLERANCE = 1e-4  # float32 conversions measure about 1e-6
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="original checkpoint folder (config.yml + weights)")
+    parser.add_argument(
+        "--checkpoint",
+        help="original checkpoint folder (config.yml + weights); without it, --validate checks --output",
+    )
     parser.add_argument("--output", required=True, help="folder to write (hub layout)")
     parser.add_argument("--stage", choices=["I", "II"], help="override stage detection from config.yml")
-    parser.add_argument("--variant", choices=["fp16"], help="also write an fp16 weights variant")
+    parser.add_argument(
+        "--variant", choices=["fp16"], help="also write (with --validate: load) an fp16 weights variant"
+    )
     parser.add_argument("--text-encoder", help="transformers T5EncoderModel folder to include")
     parser.add_argument("--tokenizer", help="T5 tokenizer folder to include")
     parser.add_argument("--max-shard-size", default="5GB", help="largest UNet weights file (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument(
+        "--model-card",
+        default="auto",
+        help="markdown card to copy to README.md: a path, 'auto' (default: the card of the published model whose "
+        "config matches) or 'none'",
+    )
+    parser.add_argument(
+        "--validate",
+        action="store_true",
+        help="check the folder's checksums, load it with the plugin's pipeline (the --variant weights) and run one "
+        "denoising step from random embeddings",
+    )
     parser.add_argument(
         "--verify",
         action="store_true",
@@ -34,11 +53,30 @@ def main(argv: list[str] | None = None) -> int:
         "relative error (needs: pip install --no-deps deepfloyd-if==1.0.1, and memory for both models)",
     )
     args = parser.parse_args(argv)
+    if args.checkpoint is None and not args.validate:
+        parser.error("--checkpoint is required unless --validate checks an existing --output folder")
+    if args.checkpoint is None and args.verify:
+        parser.error("--verify compares with the original: it needs --checkpoint")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.checkpoint is not None and _convert(args) != 0:
+        return 1
+    if args.validate:
+        try:
+            report = validate_converted(args.output, variant=args.variant)
+        except ValueError as error:
+            print(f"error: validation failed: {error}", file=sys.stderr)
+            return 1
+        print("\n".join(["validated:", *report.lines()]))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    model_card = None if args.model_card == "none" else args.model_card
     try:
         output = convert_original_checkpoint(
             args.checkpoint, args.output, stage=args.stage, variant=args.variant, text_encoder=args.text_encoder,
             tokenizer=args.tokenizer, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+            model_card=model_card,
         )  # fmt: skip
     except (ConversionError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

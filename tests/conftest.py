@@ -53,6 +53,18 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _dynamic_modules_in_tmp(tmp_path_factory, monkeypatch):
+    """diffusers copies a folder's custom pipeline file (`if_diffusers_pipeline.py`) into `HF_MODULES_CACHE` (by
+    default ~/.cache/huggingface/modules) and appends that folder to `sys.path`: keep both inside the test run."""
+    import sys
+
+    from diffusers.utils import dynamic_modules_utils
+
+    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+
 def original_unet(params: dict, seed: int = 0):
     """A random-weight `deepfloyd_if` UNetModel (stage I) or SuperResUNetModel (6 input channels)."""
     torch.manual_seed(seed)
@@ -146,3 +158,37 @@ def pipeline_components(tiny_text):
         return components
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_upscaler():
+    """Components of a tiny Stable Diffusion x4 upscaler (stage III): a UNet with 7 input channels (4 latent + 3
+    low-res) and noise-level class labels, a VAE decoding x4, a CLIP text encoder of width 32 and a character-level
+    CLIP tokenizer. Returned as the keyword arguments of `StableDiffusionUpscalePipeline` (no safety components)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=7, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8, num_class_embeds=351,
+    ).eval()  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
+        scaling_factor=0.08333,
+    ).eval()  # fmt: skip
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, vocab_size=60, max_position_embeddings=77,
+                                                bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()  # fmt: skip
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: 2 + i for i, c in enumerate(letters)},
+             **{f"{c}</w>": 28 + i for i, c in enumerate(letters)}}  # fmt: skip
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    # The repo's own settings: DDIM for sampling (the cascade swaps in DDPM as the original), DDPM for augmentation.
+    beta = dict(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000)
+    return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                low_res_scheduler=DDPMScheduler(**beta), scheduler=DDIMScheduler(**beta, clip_sample=False,
+                                                                                  set_alpha_to_one=False,
+                                                                                  prediction_type="v_prediction"))  # fmt: skip

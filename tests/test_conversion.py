@@ -41,7 +41,7 @@ def _leftovers(folder: Path) -> list[str]:
 def test_stage_1_hub_layout(checkpoint, tmp_path):
     output = convert_original_checkpoint(checkpoint, tmp_path / "out")
     index = json.loads((output / "model_index.json").read_text())
-    assert index["_class_name"] == "IFPipeline"
+    assert index["_class_name"] == ["if_diffusers_pipeline", "IFPipeline"]
     assert index["unet"] == ["if_diffusers.models.unet_if", "IFUNet2DConditionModel"]
     assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
     assert sorted(p.name for p in (output / "unet").iterdir()) == [
@@ -63,10 +63,10 @@ def test_stage_2_hub_layout(tmp_path):
     source = write_checkpoint(tmp_path / "IF-II-tiny", params, original_unet(params).state_dict())
     output = convert_original_checkpoint(source, tmp_path / "out")
     index = json.loads((output / "model_index.json").read_text())
-    assert index["_class_name"] == "IFSuperResolutionPipeline"
+    assert index["_class_name"] == ["if_diffusers_pipeline", "IFSuperResolutionPipeline"]
     assert index["unet"] == ["if_diffusers.models.unet_if_super_resolution", "IFSuperResUNet2DConditionModel"]
     assert DDPMScheduler.from_pretrained(output / "scheduler").config.sample_max_value == 1.0
-    pipeline = DiffusionPipeline.from_pretrained(output)  # diffusers' loader, from the folder alone
+    pipeline = DiffusionPipeline.from_pretrained(output, trust_remote_code=True)  # diffusers' loader, the folder alone
     assert type(pipeline.unet) is IFSuperResUNet2DConditionModel
     assert torch.equal(
         pipeline.image_noising_scheduler.alphas_cumprod, pipeline.unet.noise_augmentation_alphas_cumprod
@@ -364,7 +364,7 @@ def test_converted_folder_loads_and_runs_with_a_prompt(checkpoint, tmp_path, tin
     output = convert_original_checkpoint(
         checkpoint, tmp_path / "out", text_encoder=tiny_t5_folder, tokenizer=tiny_tokenizer_folder
     )
-    pipeline = DiffusionPipeline.from_pretrained(output)
+    pipeline = DiffusionPipeline.from_pretrained(output, trust_remote_code=True)
     assert type(pipeline.unet) is IFUNet2DConditionModel
     pipeline.set_progress_bar_config(disable=True)
     images = pipeline(

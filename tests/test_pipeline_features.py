@@ -388,7 +388,7 @@ def test_save_pretrained_round_trip_keeps_our_classes(pipeline_components, name,
     pipeline.save_pretrained(tmp_path)
     unet_class = IFUNet2DConditionModel if stage == "I" else IFSuperResUNet2DConditionModel
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["_class_name"] == name
+    assert index["_class_name"] == ["if_diffusers_pipeline", name]
     assert index["unet"] == [unet_class.__module__, unet_class.__name__]
     assert index["unet"][0].startswith("if_diffusers.models.")
 
@@ -407,9 +407,9 @@ def test_save_pretrained_round_trip_keeps_our_classes(pipeline_components, name,
 
 
 def test_folders_load_across_diffusers_and_ours(pipeline_components, tmp_path):
-    """diffusers' own `IFPipeline.save_pretrained` folder loads into ours with the UNet as diffusers'
-    `UNet2DConditionModel` (the class the folder names; the same images, but no style prompt, which needs our UNet
-    class). Our folder loads into diffusers' `DiffusionPipeline` with our UNet class."""
+    """diffusers' own `IFPipeline.save_pretrained` folder loads into ours with our UNet class (the same images, and
+    style prompts work). Our folder loads into diffusers' `DiffusionPipeline` (with `trust_remote_code`, for the
+    folder's `if_diffusers_pipeline.py`) as our classes."""
     components = pipeline_components("I")
     stock_unet = UNet2DConditionModel.from_config(components["unet"].config)
     stock_unet.load_state_dict(components["unet"].state_dict())
@@ -418,14 +418,13 @@ def test_folders_load_across_diffusers_and_ours(pipeline_components, tmp_path):
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
     ours = if_diffusers.IFPipeline.from_pretrained(tmp_path / "theirs")
     ours.set_progress_bar_config(disable=True)
-    assert type(ours.unet) is UNet2DConditionModel
+    assert type(ours.unet) is IFUNet2DConditionModel
     assert torch.equal(_run(ours, "IFPipeline"), _run(_pipeline("IFPipeline", components), "IFPipeline"))
-    with pytest.raises(ValueError, match="style_prompt"):
-        _run(ours, "IFPipeline", style_prompt=OTHER_PROMPT)
+    _run(ours, "IFPipeline", style_prompt=OTHER_PROMPT)
 
     _pipeline("IFPipeline", components).save_pretrained(tmp_path / "ours")
-    theirs = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "ours")
-    assert type(theirs) is diffusers.IFPipeline and type(theirs.unet) is IFUNet2DConditionModel
+    theirs = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "ours", trust_remote_code=True)
+    assert type(theirs) is if_diffusers.IFPipeline and type(theirs.unet) is IFUNet2DConditionModel
 
 
 # --- prompts --------------------------------------------------------------------------------------------------

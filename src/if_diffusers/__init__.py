@@ -2,6 +2,8 @@
 
 from .models import IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
 from .pipelines import (
+    IFCascadePipeline,
+    IFCascadePipelineOutput,
     IFImg2ImgPipeline,
     IFImg2ImgSuperResolutionPipeline,
     IFInpaintingPipeline,
@@ -14,6 +16,8 @@ from .pipelines import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "IFCascadePipeline",
+    "IFCascadePipelineOutput",
     "IFImg2ImgPipeline",
     "IFImg2ImgSuperResolutionPipeline",
     "IFInpaintingPipeline",

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import accelerate
@@ -16,6 +18,7 @@ from ..pipelines import IFPipeline, IFSuperResolutionPipeline
 from ..scheduling import denoising_scheduler, noising_scheduler
 from .key_table import KeyMismatchError, convert_state_dict
 from .original_checkpoint import CONFIG_FILE, CheckpointError, read_params, read_state_dict, weights_path
+from .release import AUTO, CARD_FILE, check_model_card, find_model_card, write_checksums
 
 logger = logging.get_logger(__name__)
 
@@ -37,8 +40,10 @@ def convert_original_checkpoint(
     tokenizer: str | Path | None = None,
     overwrite: bool = False,
     max_shard_size: str = "5GB",
+    model_card: str | os.PathLike | None = AUTO,
 ) -> Path:
-    """Convert the DeepFloyd checkpoint folder `checkpoint` into a diffusers folder at `output`.
+    """Convert the DeepFloyd checkpoint folder `checkpoint` into an upload-ready diffusers folder at `output`:
+    the pipeline, `README.md` (the model card) and, written last, `checksums.sha256` over every other file.
 
     Args:
         checkpoint: folder with `config.yml` (`params:`) and `pytorch_model.bin` or `model.safetensors`.
@@ -48,6 +53,9 @@ def convert_original_checkpoint(
         text_encoder, tokenizer: transformers `T5EncoderModel` / T5 tokenizer folders to include.
         overwrite: replace a non-empty `output`.
         max_shard_size: largest UNet weight file before sharding.
+        model_card: markdown file to copy to `README.md`; "auto" (default) picks the card of the published model
+            whose params equal the checkpoint's (`models.presets.find_preset`) and, when none does, logs why and
+            writes no card; None writes none.
     Returns: the output folder.
     """
     check_writable_folder(output, overwrite)
@@ -56,8 +64,13 @@ def convert_original_checkpoint(
         raise ConversionError(f"output={str(output)!r} holds the checkpoint {str(checkpoint)!r}; write elsewhere")
     if variant is not None and variant not in VARIANTS:
         raise ConversionError(f"variant={variant!r}: expected one of {VARIANTS} or None")
+    try:
+        model_card = check_model_card(model_card)
+    except ValueError as error:
+        raise ConversionError(str(error)) from error
     checkpoint = Path(checkpoint)
     params = _parse_params(checkpoint, stage)
+    card = find_model_card(params) if model_card == AUTO else model_card
     unet = _load_unet(checkpoint, params)
     text_encoder_model = _load_text_encoder(text_encoder, params.encoder_dim) if text_encoder else None
     tokenizer_object = _load_tokenizer(tokenizer) if tokenizer else None
@@ -76,6 +89,9 @@ def convert_original_checkpoint(
             unet.half().save_pretrained(
                 staging / "unet", safe_serialization=True, variant="fp16", max_shard_size=max_shard_size
             )
+        if card is not None:
+            shutil.copyfile(card, staging / CARD_FILE)
+        write_checksums(staging)  # last: it lists every file written above, whatever save_pretrained wrote
     logger.info("converted %s (stage %s) to %s", checkpoint, params.stage, output)
     return Path(output)
 

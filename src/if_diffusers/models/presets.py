@@ -8,7 +8,7 @@ which lands within 10% of the published parameter counts but is not known to be 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .original_params import OriginalUNetParams
@@ -59,3 +59,33 @@ PRESETS: dict[str, UNetPreset] = {
         UNetPreset("IF-II-M", _narrower(_STAGE_II_L, 96), False, _INFERRED.format(sibling="IF-II-L", channels=96, published="450M")),
     )
 }  # fmt: skip
+
+
+def find_preset(params: dict[str, Any] | OriginalUNetParams) -> UNetPreset:
+    """The published size whose architecture `params` (a `config.yml` `params:` block, or parsed) describes.
+
+    Compares the parsed params field by field, every field but `dropout` (training only; `precision`, the other
+    runtime-only key, is not parsed at all): equal fields mean the same weights and the same function. Raises
+    ValueError naming the nearest preset and the fields that differ, so a near miss (say, an inferred preset's
+    `model_channels`) is visible rather than silently matched or silently skipped.
+    """
+    if not isinstance(params, OriginalUNetParams):
+        params = OriginalUNetParams.parse(params)
+    differences = {
+        name: _differences(params, OriginalUNetParams.parse(preset.params)) for name, preset in PRESETS.items()
+    }
+    nearest = min(differences, key=lambda name: len(differences[name]))
+    if not differences[nearest]:
+        return PRESETS[nearest]
+    raise ValueError(
+        f"params: no published IF UNet ({', '.join(PRESETS)}) has these params; the nearest, {nearest}, differs in "
+        + "; ".join(differences[nearest])
+    )
+
+
+def _differences(params: OriginalUNetParams, preset: OriginalUNetParams) -> list[str]:
+    return [
+        f"{field.name}={getattr(params, field.name)!r} (preset: {getattr(preset, field.name)!r})"
+        for field in fields(OriginalUNetParams)
+        if field.name != "dropout" and getattr(params, field.name) != getattr(preset, field.name)
+    ]

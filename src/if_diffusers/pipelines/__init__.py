@@ -1,7 +1,7 @@
-"""The six IF stage pipelines, drop-in replacements for diffusers' classes of the same names."""
+"""The six IF stage pipelines (drop-in replacements for diffusers' classes of the same names) and the cascade over them."""
 
-from diffusers.pipelines.deepfloyd_if import IFPipelineOutput
-
+from .cascade import IFCascadePipeline
+from .output import IFCascadePipelineOutput, IFPipelineOutput
 from .pipeline_if import IFPipeline
 from .pipeline_if_img2img import IFImg2ImgPipeline
 from .pipeline_if_img2img_superresolution import IFImg2ImgSuperResolutionPipeline
@@ -10,6 +10,8 @@ from .pipeline_if_inpainting_superresolution import IFInpaintingSuperResolutionP
 from .pipeline_if_superresolution import IFSuperResolutionPipeline
 
 __all__ = [
+    "IFCascadePipeline",
+    "IFCascadePipelineOutput",
     "IFImg2ImgPipeline",
     "IFImg2ImgSuperResolutionPipeline",
     "IFInpaintingPipeline",

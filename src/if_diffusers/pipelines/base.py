@@ -17,14 +17,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, LMSDiscreteScheduler
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
-from diffusers.pipelines.deepfloyd_if import IFPipelineOutput
 from diffusers.utils import deprecate, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..guidance import classifier_free_guidance, inpaint_blend
 from ..image_processing import (
     check_size,
-    postprocess,
     size_multiple,
     super_resolution_size,
     to_image_tensor,
@@ -34,6 +32,8 @@ from ..models.attention import restore_sdpa_processors
 from ..scheduling import set_schedule_precision, takes_learned_variance
 from .checks import check_batch
 from .conditioning import Conditioning, PromptConditioningMixin
+from .hub_layout import HubLayoutMixin
+from .output import IFPipelineOutput, black_out, check_safety, to_output_images
 
 logger = logging.get_logger(__name__)
 
@@ -41,7 +41,7 @@ IMAGE_CHANNELS = 3
 LMS_ORDER = 4  # LMSDiscreteScheduler.step's default order
 
 
-class IFPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, PromptConditioningMixin):
+class IFPipelineBase(HubLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin, PromptConditioningMixin):
     """Base of the six IF pipelines: `DiffusionPipeline` (with LoRA loading, as diffusers' IF pipelines), prompt
     encoding (`PromptConditioningMixin`) and the shared IF steps. Public classes declare components and arguments and call these steps in order."""
 
@@ -310,19 +310,9 @@ class IFPipelineBase(DiffusionPipeline, StableDiffusionLoraLoaderMixin, PromptCo
 
     def _finish(self, images: torch.Tensor, output_type: str, return_dict: bool, dtype: torch.dtype):
         """Safety checker (on every output type), conversion, watermark (PIL), offload hooks."""
-        nsfw_detected = watermark_detected = None
-        if self.safety_checker is not None:
-            checked = postprocess(images, "np")
-            inputs = self.feature_extractor(self.numpy_to_pil(checked), return_tensors="pt").to(self._execution_device)
-            checked, nsfw_detected, watermark_detected = self.safety_checker(
-                images=checked, clip_input=inputs.pixel_values.to(dtype=dtype)
-            )
-            flagged = [n or w for n, w in zip(nsfw_detected, watermark_detected)]
-            images = images.clone()
-            images[torch.tensor(flagged, device=images.device)] = -1.0  # black, as the checker blacks them out
-        result = postprocess(images, output_type)
-        if output_type == "pil" and self.watermarker is not None:
-            result = self.watermarker.apply_watermark(result, self.unet.config.sample_size)
+        nsfw_detected, watermark_detected = check_safety(self, images, dtype)
+        images = black_out(images, nsfw_detected, watermark_detected)
+        result = to_output_images(self, images, output_type, self.unet.config.sample_size)
         self.maybe_free_model_hooks()
         if not return_dict:
             return result, nsfw_detected, watermark_detected
