@@ -33,7 +33,13 @@ from ..scheduling import set_schedule_precision, takes_learned_variance
 from .checks import check_batch
 from .conditioning import Conditioning, PromptConditioningMixin
 from .hub_layout import HubLayoutMixin
-from .output import IFPipelineOutput, black_out, check_safety, to_output_images
+from .output import (
+    IFPipelineOutput,
+    black_out,
+    check_safety,
+    register_with_safety_components,
+    to_output_images,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -51,19 +57,7 @@ class IFPipelineBase(HubLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoade
     _callback_tensor_inputs = ["intermediate_images", "prompt_embeds"]
 
     def _register_components(self, requires_safety_checker: bool, **components: Any) -> None:
-        if components["safety_checker"] is None and requires_safety_checker:
-            logger.warning(
-                f"You have disabled the safety checker for {self.__class__.__name__} by passing `safety_checker=None`."
-                " Ensure that you abide by the conditions of the IF license and do not expose unfiltered results in"
-                " services or applications open to the public."
-            )
-        if components["safety_checker"] is not None and components["feature_extractor"] is None:
-            raise ValueError(
-                "safety_checker was given without feature_extractor: the checker needs its CLIP image processor; "
-                "pass feature_extractor, or safety_checker=None"
-            )
-        self.register_modules(**components)
-        self.register_to_config(requires_safety_checker=requires_safety_checker)
+        register_with_safety_components(self, requires_safety_checker, **components)
 
     # --- properties diffusers users read ----------------------------------------------------------------------
 

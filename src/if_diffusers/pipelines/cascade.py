@@ -24,7 +24,7 @@ from diffusers import (
 )
 from diffusers.pipelines.deepfloyd_if import IFSafetyChecker, IFWatermarker
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import logging, replace_example_docstring
+from diffusers.utils import replace_example_docstring
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 from ..image_processing import to_image_tensor
@@ -43,15 +43,19 @@ from .cascade_stages import check_cascade_components, check_stage_configs, load_
 from .checks import check_batch, check_common_inputs, check_noise_level, check_strength, check_timesteps
 from .conditioning import DEFAULT_MAX_SEQUENCE_LENGTH
 from .hub_layout import HubLayoutMixin
-from .output import IFCascadePipelineOutput, black_out, check_safety, to_output_images
+from .output import (
+    IFCascadePipelineOutput,
+    black_out,
+    check_safety,
+    register_with_safety_components,
+    to_output_images,
+)
 from .pipeline_if import IFPipeline
 from .pipeline_if_img2img import IFImg2ImgPipeline
 from .pipeline_if_img2img_superresolution import IFImg2ImgSuperResolutionPipeline
 from .pipeline_if_inpainting import IFInpaintingPipeline
 from .pipeline_if_inpainting_superresolution import IFInpaintingSuperResolutionPipeline
 from .pipeline_if_superresolution import IFSuperResolutionPipeline
-
-logger = logging.get_logger(__name__)
 
 STAGE_3_COMPONENTS = ("stage_3_tokenizer", "stage_3_text_encoder", "stage_3_unet", "stage_3_vae", "stage_3_scheduler",
                       "stage_3_low_res_scheduler")  # fmt: skip
@@ -121,24 +125,12 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
                        stage_3_unet=stage_3_unet, stage_3_vae=stage_3_vae, stage_3_scheduler=stage_3_scheduler,
                        stage_3_low_res_scheduler=stage_3_low_res_scheduler)  # fmt: skip
         check_cascade_components(text_encoder, stage_1_unet, stage_2_unet, stage_3)
-        if safety_checker is None and requires_safety_checker:
-            logger.warning(
-                "You have disabled the safety checker for IFCascadePipeline by passing `safety_checker=None`. Ensure "
-                "that you abide by the conditions of the IF license and do not expose unfiltered results in services "
-                "or applications open to the public."
-            )
-        if safety_checker is not None and feature_extractor is None:
-            raise ValueError(
-                "safety_checker was given without feature_extractor: the checker needs its CLIP image processor; "
-                "pass feature_extractor, or safety_checker=None"
-            )
-        self.register_modules(
-            tokenizer=tokenizer, text_encoder=text_encoder, stage_1_unet=stage_1_unet,
+        register_with_safety_components(
+            self, requires_safety_checker, tokenizer=tokenizer, text_encoder=text_encoder, stage_1_unet=stage_1_unet,
             stage_1_scheduler=stage_1_scheduler, stage_2_unet=stage_2_unet, stage_2_scheduler=stage_2_scheduler,
             stage_2_image_noising_scheduler=stage_2_image_noising_scheduler, **stage_3,
             safety_checker=safety_checker, feature_extractor=feature_extractor, watermarker=watermarker,
         )  # fmt: skip
-        self.register_to_config(requires_safety_checker=requires_safety_checker)
 
     # --- building it --------------------------------------------------------------------------------------------
 

@@ -8,11 +8,20 @@ from typing import Any
 
 import torch
 from diffusers.pipelines.deepfloyd_if import IFPipelineOutput
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 
 from ..image_processing import postprocess
 
-__all__ = ["IFCascadePipelineOutput", "IFPipelineOutput", "black_out", "check_safety", "to_output_images"]
+__all__ = [
+    "IFCascadePipelineOutput",
+    "IFPipelineOutput",
+    "black_out",
+    "check_safety",
+    "register_with_safety_components",
+    "to_output_images",
+]
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -31,6 +40,24 @@ class IFCascadePipelineOutput(BaseOutput):
     watermark_detected: list[bool] | None
     stage_1_images: Any = None
     stage_2_images: Any = None
+
+
+def register_with_safety_components(pipeline, requires_safety_checker: bool, **components: Any) -> None:
+    """`pipeline.register_modules(**components)` and its `requires_safety_checker` config, as diffusers' IF pipelines
+    do: a warning when the checker is off but required, an error for a checker without its image processor."""
+    if components["safety_checker"] is None and requires_safety_checker:
+        logger.warning(
+            f"You have disabled the safety checker for {type(pipeline).__name__} by passing `safety_checker=None`."
+            " Ensure that you abide by the conditions of the IF license and do not expose unfiltered results in"
+            " services or applications open to the public."
+        )
+    if components["safety_checker"] is not None and components["feature_extractor"] is None:
+        raise ValueError(
+            "safety_checker was given without feature_extractor: the checker needs its CLIP image processor; "
+            "pass feature_extractor, or safety_checker=None"
+        )
+    pipeline.register_modules(**components)
+    pipeline.register_to_config(requires_safety_checker=requires_safety_checker)
 
 
 def check_safety(pipeline, images: torch.Tensor, dtype: torch.dtype) -> tuple[list[bool] | None, list[bool] | None]:
