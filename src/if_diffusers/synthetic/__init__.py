@@ -1,0 +1,1 @@
+"""Synthetic captioned shapes (`shapes`) and a deterministic analyser of them (`analysis`)."""
