@@ -653,3 +653,15 @@ def test_dynamic_thresholding_per_stage(converted, stage, module, config):
     assert scheduler.config.sample_max_value == {"I": 1.5, "II": 1.0}[stage]
     saved = DDPMScheduler.from_pretrained(converted(config)[1], subfolder="scheduler")
     assert _settings(saved) == _settings(scheduler)
+
+
+def test_cut_warning_names_only_the_words_cut(pipeline_components, caplog):
+    """In a batch, the warning lists the words cut from each prompt that was cut, and nothing for a short prompt
+    (no padding tokens)."""
+    pipeline = _pipeline("IFPipeline", pipeline_components("I"))
+    with caplog.at_level(logging.WARNING, logger="if_diffusers"):
+        pipeline.encode_prompt(["a red circle on a blue background", "a"], max_sequence_length=4)
+    (message,) = [r.message for r in caplog.records if "was cut at 4" in r.message]
+    cut = message.split("Cut: ")[1]
+    tokens = pipeline.tokenizer("a red circle on a blue background").input_ids
+    assert cut == str([pipeline.tokenizer.decode(tokens[3:-1])]) and "<pad>" not in cut

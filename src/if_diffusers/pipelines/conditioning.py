@@ -109,9 +109,11 @@ class PromptConditioningMixin:
         `argument`) to `length` tokens as diffusers does: padding tokens are attended to by the UNet, so the padded
         length is part of the conditioning."""
         self._check_text_components()
-        full = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-        if full.shape[-1] > length:
-            removed = self.tokenizer.batch_decode(full[:, length - 1 : -1])
+        full = self.tokenizer(prompts, padding="longest", return_tensors="pt")
+        counts = full.attention_mask.sum(-1).tolist()  # tokens per prompt, end token included
+        if max(counts) > length:  # the cut words of each prompt that was cut (the end token takes the last place)
+            removed = [self.tokenizer.decode(ids[length - 1 : count - 1])
+                       for ids, count in zip(full.input_ids, counts) if count > length]  # fmt: skip
             logger.warning(
                 f"{argument} was cut at {length} T5 tokens (max_sequence_length, or the length of prompt_embeds; IF "
                 f"was trained on 77): pass a larger max_sequence_length, or None, to encode it in full. Cut: {removed}"
