@@ -4,9 +4,10 @@
     if-diffusers generate "a watercolour" --mode img2img --image photo.png --model DeepFloyd/IF-I-XL-v1.0 \\
         --stage-2 DeepFloyd/IF-II-L-v1.0 --stage-3 stabilityai/stable-diffusion-x4-upscaler --offload model
     if-diffusers convert --checkpoint IF-I-XL-v1.0 --output IF-I-XL-diffusers --variant fp16 --validate
+    if-diffusers train --help
 
 `generate` runs `IFCascadePipeline` and writes image files; `convert` is the checkpoint conversion
-(`if_diffusers.conversion.command_line`). Errors are one line on stderr and exit code 1, never a traceback.
+(`if_diffusers.conversion.command_line`); `train` trains or fine-tunes a UNet (`if_diffusers.training.command_line`). Errors are one line on stderr and exit code 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import PIL.Image
 
 from .conversion import command_line as convert_command
+from .training import command_line as train_command
 
 OFFLOAD = ("none", "model", "sequential")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -31,9 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     _generate_arguments(generate)
     convert = commands.add_parser("convert", help=convert_command.DESCRIPTION, description=convert_command.DESCRIPTION)
     convert_command.add_arguments(convert)
+    train = commands.add_parser("train", help=train_command.DESCRIPTION, description=train_command.DESCRIPTION)
+    train_command.add_train_arguments(train)
     args = parser.parse_args(argv)
     if args.command == "convert":
         return convert_command.run(convert, args)
+    if args.command == "train":
+        return train_command.run_train(args)
     return run_generate(generate, args)
 
 

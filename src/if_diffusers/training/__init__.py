@@ -1,6 +1,9 @@
 """Training objectives of IF's UNets: the original's hybrid loss (epsilon MSE + variational bound for the learned-range
-variance) and the super-resolution stages' training inputs. Pure functions: no training loop, no data loading."""
+variance) and the super-resolution stages' training inputs (`losses`, pure functions); the training loop
+(`trainer.train`, `TrainingConfig`), its data (`data`: `CaptionedImageFolder`, T5 embedding cache) and command line
+(`command_line`: `if-diffusers train`, `scripts/train.py`)."""
 
+from .data import CaptionedImageFolder, embed_captions
 from .losses import (
     DiffusionSchedule,
     diffusion_schedule,
@@ -12,15 +15,21 @@ from .losses import (
     super_resolution_inputs,
     vb_term,
 )
+from .trainer import TrainingConfig, diffusion_loss, train
 
 __all__ = [
+    "CaptionedImageFolder",
     "DiffusionSchedule",
+    "TrainingConfig",
+    "diffusion_loss",
     "diffusion_schedule",
     "downsample",
+    "embed_captions",
     "hybrid_loss",
     "learned_range_log_variance",
     "q_sample",
     "sample_timesteps",
     "super_resolution_inputs",
+    "train",
     "vb_term",
 ]

@@ -1,0 +1,304 @@
+"""Training data for IF's UNets: a folder of captioned images, any `(image, caption)` dataset, the resumable batch
+order the trainer draws from, and the captions' T5 embeddings (computed once, optionally cached on disk).
+
+Images are used at the size they have: a size other than the training resolution is an error, never a silent resize
+(resize and crop beforehand, as you want them). Every check reads the files once, before any model runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import PIL.Image
+import safetensors.torch
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_FILES = ("captions.jsonl", "captions.csv")
+
+
+class CaptionedDataset(Protocol):
+    """What `train` takes: `len(dataset)` and `dataset[i]` -> `(PIL image, caption)` or an object with `.image` and
+    `.caption` (`if_diffusers.synthetic.shapes.Example`)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+
+class CaptionedImageFolder:
+    """Images of one folder with their captions, all `resolution` x `resolution`.
+
+    Layout: image files (`.png`, `.jpg`, `.jpeg`, `.webp`, `.bmp`) directly in `folder`, and exactly one caption file
+    beside them naming each image once:
+
+    * `captions.jsonl`: one JSON object per line, `{"file": "0001.png", "caption": "a red circle"}`;
+    * `captions.csv`: a header line `file,caption`, then one row per image (quote captions holding commas).
+
+    Checked at construction, each failure a ValueError naming the file: a missing, duplicated or malformed caption
+    entry, a caption whose file does not exist, an image file without caption, an image PIL cannot read, and an image
+    whose size is not `resolution` x `resolution` (resize beforehand: nothing is resized here). Items are
+    `(RGB PIL image, caption)`, in the caption file's order.
+    """
+
+    def __init__(self, folder: str | Path, resolution: int):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ValueError(f"folder={str(folder)!r} is not a folder; expected a folder of images and captions")
+        if not isinstance(resolution, int) or resolution < 1:
+            raise ValueError(f"resolution={resolution!r}: expected a positive int")
+        self.resolution = resolution
+        entries = _read_captions(self.folder)
+        images = sorted(p.name for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        uncaptioned = sorted(set(images) - {name for name, _ in entries})
+        if uncaptioned:
+            raise ValueError(
+                f"{self.folder / uncaptioned[0]} has no caption ({len(uncaptioned)} image(s) without one); "
+                f"expected an entry for every image in {self._caption_file.name}"
+            )
+        for name, _ in entries:
+            _check_image_file(self.folder / name, resolution)
+        self.files = [name for name, _ in entries]
+        self.captions = [caption for _, caption in entries]
+
+    @property
+    def _caption_file(self) -> Path:
+        return next(self.folder / name for name in CAPTION_FILES if (self.folder / name).is_file())
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[PIL.Image.Image, str]:
+        with PIL.Image.open(self.folder / self.files[index]) as image:
+            return image.convert("RGB"), self.captions[index]
+
+
+def _read_captions(folder: Path) -> list[tuple[str, str]]:
+    """`[(file name, caption)]` from the folder's one caption file; malformed or duplicated entries, and entries
+    naming a missing file, are ValueErrors naming the caption file."""
+    present = [folder / name for name in CAPTION_FILES if (folder / name).is_file()]
+    if len(present) != 1:
+        found = [p.name for p in present] or "none"
+        raise ValueError(f"{folder} has caption files {found}; expected exactly one of {list(CAPTION_FILES)}")
+    path = present[0]
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} line {number} is not JSON ({error})") from error
+    else:
+        with path.open(newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            if reader.fieldnames is None or not {"file", "caption"} <= set(reader.fieldnames):
+                raise ValueError(f"{path} has header {reader.fieldnames}; expected 'file,caption'")
+            rows = list(reader)
+    entries, seen = [], set()
+    for number, row in enumerate(rows, start=1):
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("file"), str)
+            or not isinstance(row.get("caption"), str)
+        ):
+            raise ValueError(f"{path} entry {number} is {row!r}; expected a 'file' and a 'caption' string")
+        name = row["file"]
+        if name in seen:
+            raise ValueError(f"{path} names {name!r} twice; expected one caption per image")
+        if not (folder / name).is_file():
+            raise ValueError(f"{path} entry {number} names {name!r}, which is not a file in {folder}")
+        seen.add(name)
+        entries.append((name, row["caption"]))
+    if not entries:
+        raise ValueError(f"{path} has no entries; expected one per image")
+    return entries
+
+
+def _check_image_file(path: Path, resolution: int) -> None:
+    """Readable by PIL (decoded in full: a truncated file fails here, not mid-training) and square at `resolution`."""
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            size = image.size
+    except (OSError, PIL.UnidentifiedImageError, SyntaxError) as error:
+        raise ValueError(f"{path} is not a readable image ({error})") from error
+    if size != (resolution, resolution):
+        raise ValueError(
+            f"{path} is {size[0]}x{size[1]}; expected {resolution}x{resolution} (the training resolution): "
+            "resize and crop the images beforehand, nothing is resized during training"
+        )
+
+
+def image_and_caption(item: Any, index: int) -> tuple[PIL.Image.Image, str]:
+    """A dataset item as `(image, caption)`: a pair, or an object with `.image` and `.caption` (`Example`)."""
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        image, caption = item
+    elif hasattr(item, "image") and hasattr(item, "caption"):
+        image, caption = item.image, item.caption
+    else:
+        raise TypeError(f"dataset[{index}] is a {type(item).__name__}; expected (PIL image, caption) or an Example")
+    if not isinstance(image, PIL.Image.Image) or not isinstance(caption, str):
+        raise TypeError(
+            f"dataset[{index}] holds ({type(image).__name__}, {type(caption).__name__}); expected (PIL image, str)"
+        )
+    return image, caption
+
+
+def dataset_captions(dataset: CaptionedDataset) -> list[str]:
+    """Every item's caption, in order: `dataset.captions` when it has that list (`CaptionedImageFolder`), the shape
+    records for `ShapesDataset` (no rendering), else by reading every item."""
+    from ..synthetic.shapes import ShapesDataset, sample_record
+
+    captions = getattr(dataset, "captions", None)
+    if isinstance(captions, list) and len(captions) == len(dataset):
+        return captions
+    if isinstance(dataset, ShapesDataset):
+        return [sample_record(i, dataset.seed, dataset.held_out).caption for i in range(len(dataset))]
+    return [image_and_caption(dataset[i], i)[1] for i in range(len(dataset))]
+
+
+def to_training_tensor(image: PIL.Image.Image, resolution: int, index: int) -> torch.Tensor:
+    """RGB `(3, resolution, resolution)` float32 in `[-1, 1]`; another size is a ValueError (nothing is resized)."""
+    if image.size != (resolution, resolution):
+        raise ValueError(
+            f"dataset[{index}] is {image.size[0]}x{image.size[1]}; expected {resolution}x{resolution} (the training "
+            "resolution): resize the images beforehand, nothing is resized during training"
+        )
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class CollateImages:
+    """`[(image, caption)]` -> `((B, 3, R, R) in [-1, 1], [caption])` (a class: worker processes pickle it)."""
+
+    resolution: int
+
+    def __call__(self, items: Sequence[tuple[int, Any]]) -> tuple[torch.Tensor, list[str]]:
+        pairs = [(index, *image_and_caption(item, index)) for index, item in items]
+        images = torch.stack([to_training_tensor(image, self.resolution, index) for index, image, _ in pairs])
+        return images, [caption for _, _, caption in pairs]
+
+
+class IndexedItems(torch.utils.data.Dataset):
+    """`dataset[i]` -> `(i, dataset[i])`, so that errors name the item."""
+
+    def __init__(self, dataset: CaptionedDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return index, self.dataset[index]
+
+
+class ResumableBatches(torch.utils.data.Sampler):
+    """Index batches of micro-steps `start, start + 1, ...` (forever), a pure function of `(seed, micro-step)`.
+
+    The items form one stream: epoch `e` is `torch.randperm(length)` seeded with `(seed, e)`, epochs back to back.
+    Micro-step `m` takes the stream's positions `[m * B * P, (m + 1) * B * P)` for all `P` processes, and process `p`
+    its slice `[p * B, (p + 1) * B)`: every item is seen once per epoch across processes, and resuming at a micro-step
+    continues the exact order of an uninterrupted run (the data position is the step count alone).
+    """
+
+    def __init__(self, length: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, processes: int = 1):
+        if length < 1:
+            raise ValueError("dataset is empty; expected at least one item")
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self.start, self.rank, self.processes = start, rank, processes
+        self._epochs: dict[int, list[int]] = {}
+
+    def _item(self, position: int) -> int:
+        epoch = position // self.length
+        if epoch not in self._epochs:
+            self._epochs = {epoch: _permutation(self.length, self.seed, epoch)}  # one epoch at a time in memory
+        return self._epochs[epoch][position % self.length]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        micro_step = self.start
+        while True:
+            first = (micro_step * self.processes + self.rank) * self.batch_size
+            yield [self._item(position) for position in range(first, first + self.batch_size)]
+            micro_step += 1
+
+
+def _permutation(length: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    return torch.randperm(length, generator=generator).tolist()
+
+
+# --- T5 embeddings of the captions ------------------------------------------------------------------------------
+
+
+def _fingerprint(tokenizer, text_encoder, max_sequence_length: int) -> str:
+    """What the embeddings depend on besides the caption: the tokenizer's class and vocabulary, the encoder's config,
+    dtype and weights (summarised by each parameter's float64 sum: hashing billions of bytes would take longer than
+    encoding), the token count, and the caption cleaning (always on, as at inference)."""
+    digest = hashlib.sha256()
+    digest.update(type(tokenizer).__name__.encode())
+    digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(text_encoder.config.to_json_string(use_diff=False).encode())
+    digest.update(f"{text_encoder.dtype} {max_sequence_length} clean_caption=True".encode())
+    with torch.no_grad():
+        sums = torch.stack([p.detach().double().sum() for p in text_encoder.parameters()])
+    digest.update(sums.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def embed_captions(
+    captions: Sequence[str],
+    tokenizer,
+    text_encoder,
+    max_sequence_length: int = 77,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 8,
+) -> dict[str, torch.Tensor]:
+    """`{caption: (L, D) T5 embedding on the CPU}` for each distinct caption, encoded exactly as the pipelines encode
+    prompts at inference (`encode_prompt` with `clean_caption=True`, padded to `max_sequence_length` tokens).
+
+    With `cache_dir`, each embedding is a file `<sha256>.safetensors` keyed by the tokenizer, the encoder (config,
+    dtype, weights), the token count and the caption: cached ones are read, not encoded; new ones are written
+    atomically (several processes may share the folder). T5 runs on its own device, in `batch_size` captions at a time.
+    """
+    from ..pipelines.conditioning import PromptConditioningMixin
+
+    class _Encoder(PromptConditioningMixin):  # encode_prompt needs only these two components
+        def __init__(self):
+            self.tokenizer, self.text_encoder = tokenizer, text_encoder
+
+    unique = list(dict.fromkeys(captions))
+    table: dict[str, torch.Tensor] = {}
+    folder, key = None, None
+    if cache_dir is not None:
+        folder = Path(cache_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        prefix = _fingerprint(tokenizer, text_encoder, max_sequence_length)
+        key = {c: hashlib.sha256(f"{prefix}\0{c}".encode()).hexdigest() for c in unique}
+        for caption in unique:
+            path = folder / f"{key[caption]}.safetensors"
+            if path.is_file():
+                table[caption] = safetensors.torch.load_file(path)["embedding"]
+    missing = [c for c in unique if c not in table]
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start : start + batch_size]
+        embeds, _ = _Encoder().encode_prompt(chunk, do_classifier_free_guidance=False, device=text_encoder.device,
+                                             clean_caption=True, max_sequence_length=max_sequence_length)  # fmt: skip
+        for caption, embedding in zip(chunk, embeds.cpu()):
+            table[caption] = embedding.contiguous()
+            if folder is not None:
+                path = folder / f"{key[caption]}.safetensors"
+                partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+                safetensors.torch.save_file({"embedding": table[caption]}, partial)
+                os.replace(partial, path)
+    return table

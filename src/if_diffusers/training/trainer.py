@@ -1,0 +1,489 @@
+"""Training and fine-tuning IF's UNets (stage I, or a super-resolution stage) with the original's objective.
+
+    config = TrainingConfig(stage="I", output_dir="runs/shapes", resolution=64, max_train_steps=10_000)
+    folder = train(config, pipe.unet, pipe.tokenizer, pipe.text_encoder, CaptionedImageFolder("data", 64))
+    IFPipeline.from_pretrained(folder)
+
+What a step does (`diffusion_loss`): captions are replaced by "" at rate `text_dropout` (classifier-free guidance, as
+IF trains), a timestep and noise are drawn, stage II adds the low-res conditioning (the target downsampled x4,
+upsampled and noise-augmented at a random level per sample: `super_resolution_inputs`), and the loss is IF's hybrid
+loss, which keeps training the learned variance (`hybrid_loss`). T5 is frozen: each distinct caption is encoded once
+before training (`embed_captions`, cached on disk with `embedding_cache_dir`).
+
+Everything runs through `accelerate.Accelerator` (mixed precision, gradient accumulation; `accelerate launch` for
+several GPUs, no code change). Randomness is a pure function of `(seed, micro-step, process)` and the data order of
+`(seed, epoch)` (`ResumableBatches`), so a checkpoint (`accelerator.save_state`: model, optimizer, LR schedule, EMA,
+step count, RNG) resumes to exactly the weights of an uninterrupted run.
+
+Output folder layout: `checkpoints/checkpoint-N/` (every `checkpointing_steps`), `validation/step-N.png`, and at the
+end `pipeline/` (a complete `save_pretrained` folder, written atomically; EMA weights when EMA is on) or, with
+`lora_rank`, `lora/pytorch_lora_weights.safetensors` for `pipeline.load_lora_weights`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_constant_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from ..atomic_folder import atomic_folder, check_writable_folder
+from ..image_processing import size_multiple
+from ..scheduling import denoising_scheduler, noising_scheduler
+from .data import (
+    CaptionedDataset,
+    CollateImages,
+    IndexedItems,
+    ResumableBatches,
+    dataset_captions,
+    embed_captions,
+    image_and_caption,
+    to_training_tensor,
+)
+from .losses import (
+    DiffusionSchedule,
+    diffusion_schedule,
+    downsample,
+    hybrid_loss,
+    q_sample,
+    sample_timesteps,
+    super_resolution_inputs,
+)
+
+logger = logging.get_logger(__name__)
+
+STAGES = ("I", "II")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+SUPER_RESOLUTION_SCALE = 4
+# The attention projections a LoRA adapts: self-attention (to_q/k/v/out) and the text keys/values (add_k/v_proj).
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
+VALIDATION_TIMESTEPS = {"I": "smart27", "II": "super27"}  # the original's fast respacing presets
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+
+
+@dataclass
+class TrainingConfig:
+    """Settings of one training run, checked on creation (ValueError naming the field).
+
+    Args:
+        stage: "I" (text -> image at `resolution`) or "II" (super-resolution to `resolution` from `resolution / 4`).
+        output_dir: where checkpoints, validation images and the result go (see the module docstring); must be new
+            or empty unless `overwrite_output_dir` or `resume_from_checkpoint`.
+        resolution: side of the training images (stage II: of the high-res targets); images of another size are
+            rejected, never resized.
+        train_batch_size: images per process per micro-step; gradient_accumulation_steps micro-steps per step.
+        max_train_steps: optimizer steps in all (a resumed run counts the steps already done).
+        learning_rate, lr_warmup_steps (linear warm-up, then constant), adam_weight_decay (AdamW), max_grad_norm
+            (gradient clipping; None: none).
+        mixed_precision: "no", "fp16" or "bf16" (weights stay float32, accelerate autocasts the UNet).
+        ema_decay: decay of an exponential moving average of the weights (diffusers' `EMAModel`, with its warm-up
+            `(1 + n) / (10 + n)`); the result holds the EMA weights. None: no EMA.
+        checkpointing_steps: save the full training state every this many steps.
+        validation_steps: every this many steps, sample `validation_prompts` with the stage's pipeline (stage II
+            upscales the first training images, downsampled) to `validation/step-N.png`; None: never.
+        seed: seeds the data order, noise, timesteps, augmentation and text dropout.
+        text_dropout: probability that a caption is replaced by "" (IF trains the unconditional model this way).
+        lora_rank: train a LoRA of this rank on `LORA_TARGET_MODULES` instead of all weights; None: full fine-tuning.
+        max_sequence_length: T5 tokens per caption (77, as IF was trained).
+        embedding_cache_dir: folder caching the T5 embeddings of the captions across runs; None: no cache.
+        resume_from_checkpoint: "latest" (the highest `checkpoints/checkpoint-N`, or a fresh start when there is
+            none) or a checkpoint folder.
+        overwrite_output_dir: train into a non-empty `output_dir` (its old checkpoints are deleted first).
+        dataloader_num_workers: worker processes loading images.
+    """
+
+    stage: str
+    output_dir: str | Path
+    resolution: int
+    train_batch_size: int = 1
+    max_train_steps: int = 1000
+    learning_rate: float = 1e-5
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    ema_decay: float | None = 0.9999
+    checkpointing_steps: int = 500
+    validation_steps: int | None = None
+    validation_prompts: list[str] = field(default_factory=list)
+    seed: int = 0
+    text_dropout: float = 0.1
+    lora_rank: int | None = None
+    max_sequence_length: int = 77
+    embedding_cache_dir: str | Path | None = None
+    resume_from_checkpoint: str | Path | None = None
+    overwrite_output_dir: bool = False
+    dataloader_num_workers: int = 0
+    lr_warmup_steps: int = 0
+    adam_weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage={self.stage!r}: expected one of {STAGES}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision={self.mixed_precision!r}: expected one of {MIXED_PRECISION}")
+        positive = ["resolution", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
+                    "checkpointing_steps", "max_sequence_length"]  # fmt: skip
+        for name in positive + ["validation_steps", "lora_rank"]:
+            value = getattr(self, name)
+            if (value is not None or name in positive) and (type(value) is not int or value < 1):
+                raise ValueError(
+                    f"{name}={value!r}: expected a positive int" + ("" if name in positive else " or None")
+                )
+        for name in ("dataloader_num_workers", "lr_warmup_steps", "seed"):
+            if type(getattr(self, name)) is not int or getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected an int >= 0")
+        _check_number("learning_rate", self.learning_rate, low=0.0, low_open=True)
+        _check_number("adam_weight_decay", self.adam_weight_decay, low=0.0)
+        _check_number("text_dropout", self.text_dropout, low=0.0, high=1.0)
+        if self.ema_decay is not None:
+            _check_number("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
+        if self.max_grad_norm is not None:
+            _check_number("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+        if self.stage == "II" and self.resolution % SUPER_RESOLUTION_SCALE:
+            raise ValueError(f"resolution={self.resolution}: stage II needs a multiple of {SUPER_RESOLUTION_SCALE}")
+        if not isinstance(self.validation_prompts, list) or not all(
+            isinstance(p, str) for p in self.validation_prompts
+        ):
+            raise ValueError(f"validation_prompts={self.validation_prompts!r}: expected a list of strings")
+        if self.validation_steps is not None and not self.validation_prompts:
+            raise ValueError(f"validation_steps={self.validation_steps} but validation_prompts is empty")
+        self.output_dir = Path(self.output_dir)
+
+
+def _check_number(name: str, value, low: float, high: float = math.inf, low_open=False, high_open=False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name}={value!r}: expected a number in {bounds}")
+
+
+# --- one step's loss -------------------------------------------------------------------------------------------
+
+
+def step_generator(seed: int, micro_step: int, process_index: int, device: torch.device | str) -> torch.Generator:
+    """The generator of one micro-step on one process: a pure function of its arguments, so a resumed run draws what
+    an uninterrupted one would."""
+    state = int(np.random.SeedSequence([seed, micro_step, process_index]).generate_state(1)[0])
+    return torch.Generator(device).manual_seed(state)
+
+
+def drop_text(embeddings: torch.Tensor, empty: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """`(B, L, D)` caption embeddings with each row replaced by `empty` `(L, D)` (T5 of "") with probability `rate`,
+    drawn from `generator` (one uniform per row, always drawn so that later draws do not depend on `rate`)."""
+    drop = torch.rand(embeddings.shape[0], generator=generator, device=generator.device) < rate
+    return torch.where(drop.to(embeddings.device)[:, None, None], empty.to(embeddings), embeddings)
+
+
+def diffusion_loss(
+    unet: torch.nn.Module,
+    images: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    generator: torch.Generator,
+    schedule: DiffusionSchedule,
+    augmentation_alphas_cumprod: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`(B,)` hybrid loss of `unet` on `images` `(B, 3, H, W)` in `[-1, 1]` with T5 `text_embeddings` `(B, L, D)`,
+    drawing timesteps, noise and (super-resolution, when `augmentation_alphas_cumprod` is given) the low-res
+    augmentation level and noise from `generator`, in that order. The loss is computed in float32."""
+    timesteps = sample_timesteps(images.shape[0], generator, schedule.num_timesteps).to(images.device)
+    noise = randn_tensor(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    model_input, class_labels = q_sample(images, noise, timesteps, schedule), None
+    if augmentation_alphas_cumprod is not None:
+        low_res, class_labels = super_resolution_inputs(images, augmentation_alphas_cumprod, generator)
+        model_input = torch.cat([model_input, low_res], dim=1)  # noisy (B, 3, H, W) + low-res (B, 3, H, W) -> 6
+    output = unet(model_input, timesteps, encoder_hidden_states=text_embeddings, class_labels=class_labels).sample
+    return hybrid_loss(output.float(), images, noise, timesteps, schedule)[0]
+
+
+@dataclass
+class TrainingProgress:
+    """The step count, saved in every checkpoint: it is also the data position (see `ResumableBatches`)."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = state["step"]
+
+
+# --- checks before anything runs -------------------------------------------------------------------------------
+
+
+def find_checkpoint(config: TrainingConfig) -> Path | None:
+    """The checkpoint `resume_from_checkpoint` names (None: start fresh); a missing one is a ValueError."""
+    if config.resume_from_checkpoint is None:
+        return None
+    if str(config.resume_from_checkpoint) != "latest":
+        path = Path(config.resume_from_checkpoint)
+        if not (path / "custom_checkpoint_0.pkl").is_file():
+            raise ValueError(f"resume_from_checkpoint={str(path)!r} is not a checkpoint folder of train()")
+        return path
+    found = sorted((int(m.group(1)), p) for p in (config.output_dir / "checkpoints").glob("checkpoint-*")
+                   if (m := CHECKPOINT_PATTERN.fullmatch(p.name)))  # fmt: skip
+    if not found:
+        logger.warning(f"resume_from_checkpoint='latest': no checkpoint in {config.output_dir}; starting fresh")
+    return found[-1][1] if found else None
+
+
+def _check_inputs(config: TrainingConfig, unet, dataset, checkpoint: Path | None) -> None:
+    """The UNet suits the stage and resolution, the dataset is non-empty and the output folder usable."""
+    expected = 6 if config.stage == "II" else 3
+    if unet.config.in_channels != expected or unet.config.out_channels != 6:
+        raise ValueError(
+            f"unet takes {unet.config.in_channels} and gives {unet.config.out_channels} channels; stage "
+            f"{config.stage} expects {expected} in (noisy image{' + low-res image' if expected == 6 else ''}) and "
+            "6 out (epsilon + learned variance)"
+        )
+    multiple = size_multiple(unet) * (SUPER_RESOLUTION_SCALE if config.stage == "II" else 1)
+    if config.resolution % multiple:
+        raise ValueError(f"resolution={config.resolution}: this unet needs a multiple of {multiple}")
+    dtypes = {p.dtype for p in unet.parameters()}
+    if dtypes != {torch.float32}:
+        raise ValueError(f"unet has dtypes {dtypes}; expected float32 weights (use mixed_precision for fp16/bf16)")
+    if len(dataset) < 1:
+        raise ValueError("dataset is empty; expected at least one (image, caption)")
+    to_training_tensor(image_and_caption(dataset[0], 0)[0], config.resolution, 0)
+    if checkpoint is None:
+        check_writable_folder(config.output_dir, config.overwrite_output_dir, "output_dir")
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+
+
+def train(
+    config: TrainingConfig,
+    unet: torch.nn.Module,
+    tokenizer,
+    text_encoder,
+    dataset: CaptionedDataset,
+    scheduler: DDPMScheduler | None = None,
+) -> Path:
+    """Train `unet` (an `IFUNet2DConditionModel` for stage I, `IFSuperResUNet2DConditionModel` for II; float32,
+    trained in place) on `dataset` as `config` says, with T5 (`tokenizer`, `text_encoder`) frozen.
+
+    `scheduler`: the training schedule and the saved pipeline's scheduler (default `denoising_scheduler(stage)`).
+    Every input is checked before any model runs. At the end the UNet holds the EMA weights when EMA is on, and is
+    in eval mode. Returns the folder written: `output_dir/pipeline` (`IFPipeline` / `IFSuperResolutionPipeline`
+    `.from_pretrained` loads it), or `output_dir/lora` (for `load_lora_weights`) with `lora_rank`.
+    """
+    checkpoint = find_checkpoint(config)
+    _check_inputs(config, unet, dataset, checkpoint)
+    scheduler = scheduler if scheduler is not None else denoising_scheduler(config.stage)
+    schedule = diffusion_schedule(scheduler)  # rejects a schedule that is not IF's objective
+    return _Run(config, unet, tokenizer, text_encoder, dataset, scheduler, schedule, checkpoint).run()
+
+
+class _Run:
+    """One call of `train`: the prepared objects, the loop, checkpoints, validation and the result."""
+
+    def __init__(self, config, unet, tokenizer, text_encoder, dataset, scheduler, schedule, checkpoint):
+        from accelerate import Accelerator
+
+        self.config, self.dataset, self.scheduler = config, dataset, scheduler
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
+        )
+        if checkpoint is None and accelerator.is_main_process:  # a new run: no stale checkpoint can be "latest"
+            shutil.rmtree(config.output_dir / "checkpoints", ignore_errors=True)
+        with accelerator.main_process_first():  # the main process fills the cache, the others read it
+            texts = [*dataset_captions(dataset), "", *config.validation_prompts]
+            self.embeddings = embed_captions(texts, tokenizer, text_encoder, config.max_sequence_length,
+                                             config.embedding_cache_dir)  # fmt: skip
+        self.device = device = accelerator.device
+        self.schedule = schedule.to(device)
+        self.augmentation = None
+        if config.stage == "II":
+            alphas = getattr(unet, "noise_augmentation_alphas_cumprod", None)
+            self.augmentation = (alphas if alphas is not None else noising_scheduler().alphas_cumprod).to(device)
+        self.unet = unet.to(device)
+        self.lora_config = self._add_lora() if config.lora_rank is not None else None
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+        # accelerate steps a prepared LR scheduler once per process per step: warm-up counts those calls
+        lr_scheduler = get_constant_schedule_with_warmup(optimizer, config.lr_warmup_steps * accelerator.num_processes)
+        self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+        self.ema = None
+        if config.ema_decay is not None:
+            self.ema = EMAModel(self.params, decay=config.ema_decay)
+            self.ema.to(device)
+            accelerator.register_for_checkpointing(self.ema)
+        self.progress = TrainingProgress()
+        accelerator.register_for_checkpointing(self.progress)
+        if checkpoint is not None:
+            accelerator.load_state(str(checkpoint))
+            if self.ema is not None:
+                self.ema.to(device)  # loaded on the CPU
+            logger.info(f"resumed from {checkpoint} at step {self.progress.step}")
+
+    def _add_lora(self):
+        from peft import LoraConfig
+
+        rank = self.config.lora_rank
+        config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
+        self.unet.requires_grad_(False)
+        self.unet.add_adapter(config)  # only the adapter's weights require gradients
+        return config
+
+    def _batches(self) -> torch.utils.data.DataLoader:
+        config, accelerator = self.config, self.accelerator
+        sampler = ResumableBatches(len(self.dataset), config.train_batch_size, config.seed,
+                                   start=self.progress.step * config.gradient_accumulation_steps,
+                                   rank=accelerator.process_index, processes=accelerator.num_processes)  # fmt: skip
+        return torch.utils.data.DataLoader(IndexedItems(self.dataset), batch_sampler=sampler,
+                                           collate_fn=CollateImages(config.resolution),
+                                           num_workers=config.dataloader_num_workers)  # fmt: skip
+
+    def run(self) -> Path:
+        config, accelerator = self.config, self.accelerator
+        micro_step = self.progress.step * config.gradient_accumulation_steps
+        bar = tqdm(total=config.max_train_steps, initial=self.progress.step, desc="training",
+                   disable=not accelerator.is_local_main_process)  # fmt: skip
+        losses = []
+        self.model.train()
+        batches = iter(self._batches())
+        while self.progress.step < config.max_train_steps:
+            images, captions = next(batches)
+            losses.append(self._micro_step(images.to(self.device), captions, micro_step))
+            micro_step += 1
+            if not accelerator.sync_gradients:
+                continue
+            if self.ema is not None:
+                self.ema.step(self.params)
+            self.progress.step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{torch.stack(losses).mean().item():.4g}", lr=self.lr_scheduler.get_last_lr()[0])
+            losses = []
+            if self.progress.step % config.checkpointing_steps == 0:
+                self._checkpoint()
+            if config.validation_steps is not None and self.progress.step % config.validation_steps == 0:
+                self._validate()
+        bar.close()
+        return self._save_result()
+
+    def _micro_step(self, images: torch.Tensor, captions: list[str], micro_step: int) -> torch.Tensor:
+        """Forward, backward and (at the last micro-step of a step) the optimizer step; returns the detached loss."""
+        config = self.config
+        generator = step_generator(config.seed, micro_step, self.accelerator.process_index, self.device)
+        text = torch.stack([self.embeddings[c] for c in captions]).to(self.device)
+        text = drop_text(text, self.embeddings[""], config.text_dropout, generator)
+        with self.accelerator.accumulate(self.model):
+            loss = diffusion_loss(self.model, images, text, generator, self.schedule, self.augmentation).mean()
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients and config.max_grad_norm is not None:
+                self.accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad()
+        return loss.detach()
+
+    def _checkpoint(self) -> None:
+        """`accelerator.save_state` into `checkpoints/checkpoint-N`, atomically: written beside, then renamed."""
+        accelerator = self.accelerator
+        folder = self.config.output_dir / "checkpoints" / f"checkpoint-{self.progress.step}"
+        partial = folder.with_name(f".{folder.name}.partial")
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(folder, ignore_errors=True)
+            partial.rename(folder)
+        accelerator.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def _averaged(self) -> Iterator[None]:
+        """The UNet holds the EMA weights inside (when EMA is on), its own weights again after."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
+
+    def _pipeline(self, with_text: bool):
+        """The stage's pipeline around the (unwrapped) UNet; without T5 for validation, which passes embeddings."""
+        from ..pipelines import IFPipeline, IFSuperResolutionPipeline
+
+        text = (self.tokenizer, self.text_encoder) if with_text else (None, None)
+        components = dict(unet=self.accelerator.unwrap_model(self.model), scheduler=self.scheduler,
+                          safety_checker=None, feature_extractor=None, watermarker=None,
+                          requires_safety_checker=False, tokenizer=text[0], text_encoder=text[1])  # fmt: skip
+        if self.config.stage == "I":
+            return IFPipeline(**components)
+        return IFSuperResolutionPipeline(image_noising_scheduler=noising_scheduler(), **components)
+
+    def _validate(self) -> None:
+        """Sample `validation_prompts` (stage II: upscaling the first training images, downsampled) with the EMA
+        weights, and save them side by side as `validation/step-N.png` (main process; the others wait)."""
+        accelerator, config = self.accelerator, self.config
+        if accelerator.is_main_process:
+            pipeline = self._pipeline(with_text=False)
+            pipeline.set_progress_bar_config(disable=True)
+            count = len(config.validation_prompts)
+            prompts = torch.stack([self.embeddings[p] for p in config.validation_prompts]).to(self.device)
+            kwargs = dict(prompt_embeds=prompts, negative_prompt_embeds=self.embeddings[""].expand_as(prompts).to(
+                self.device), timesteps=VALIDATION_TIMESTEPS[config.stage],
+                generator=torch.Generator(self.device).manual_seed(config.seed))  # fmt: skip
+            if config.stage == "II":
+                targets = [image_and_caption(self.dataset[i % len(self.dataset)], i)[0] for i in range(count)]
+                targets = torch.stack([to_training_tensor(t, config.resolution, i) for i, t in enumerate(targets)])
+                kwargs["image"] = downsample(targets, SUPER_RESOLUTION_SCALE).to(self.device)
+            self.model.eval()
+            with self._averaged(), torch.no_grad():
+                images = pipeline(**kwargs).images
+            self.model.train()
+            folder = config.output_dir / "validation"
+            folder.mkdir(parents=True, exist_ok=True)
+            _side_by_side(images).save(folder / f"step-{self.progress.step}.png")
+        accelerator.wait_for_everyone()
+
+    def _save_result(self) -> Path:
+        """The EMA weights into the UNet, then the pipeline folder (or the LoRA file), atomically."""
+        accelerator, config = self.accelerator, self.config
+        accelerator.wait_for_everyone()
+        if self.ema is not None:
+            self.ema.copy_to(self.params)
+        unet = accelerator.unwrap_model(self.model).eval()
+        folder = config.output_dir / ("lora" if self.lora_config is not None else "pipeline")
+        if accelerator.is_main_process:
+            pipeline = self._pipeline(with_text=True)
+            if self.lora_config is None:
+                pipeline.save_pretrained(folder)
+            else:
+                from peft.utils import get_peft_model_state_dict
+
+                with atomic_folder(folder, overwrite=True) as staging:
+                    type(pipeline).save_lora_weights(staging, unet_lora_layers=get_peft_model_state_dict(unet),
+                                                     unet_lora_adapter_metadata=self.lora_config.to_dict())  # fmt: skip
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return folder
+
+
+def _side_by_side(images: list[PIL.Image.Image]) -> PIL.Image.Image:
+    width, height = images[0].size
+    grid = PIL.Image.new("RGB", (width * len(images), height))
+    for index, image in enumerate(images):
+        grid.paste(image, (index * width, 0))
+    return grid

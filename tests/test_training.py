@@ -1,0 +1,334 @@
+"""`if_diffusers.training.train` on tiny components: the loss falls, checkpoints resume exactly (after a stop or a
+crash), LoRA adapters round-trip through `load_lora_weights`, text dropout and the embedding cache do what they say,
+bad inputs fail before any step, and the saved folder loads and runs (also through the command line)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import safetensors.torch
+import torch
+from conftest import tiny_unet
+
+from if_diffusers import IFPipeline
+from if_diffusers.scheduling import denoising_scheduler, noising_scheduler
+from if_diffusers.synthetic.shapes import ShapesDataset
+from if_diffusers.training import CaptionedImageFolder, TrainingConfig, diffusion_loss, embed_captions, train
+from if_diffusers.training.command_line import main as train_main
+from if_diffusers.training.losses import diffusion_schedule
+from if_diffusers.training.trainer import step_generator
+
+CAPTIONS = ["a red circle", "a green square", "a yellow triangle"]
+RESOLUTION = {"I": 16, "II": 32}
+
+
+class Pairs:
+    """`(PIL image, caption)` items: random images (seeded) with short captions the tiny tokenizer knows."""
+
+    def __init__(self, count: int, size: int = 16, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.items = [(PIL.Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)),
+                       CAPTIONS[i % len(CAPTIONS)]) for i in range(count)]  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.items[index]
+
+
+def _config(tmp_path, name: str = "run", **overrides) -> TrainingConfig:
+    settings = dict(stage="I", output_dir=tmp_path / name, resolution=16, train_batch_size=2, max_train_steps=4,
+                    learning_rate=1e-3, gradient_accumulation_steps=2, ema_decay=0.9, checkpointing_steps=2,
+                    text_dropout=0.1, seed=3)  # fmt: skip
+    return TrainingConfig(**{**settings, **overrides})
+
+
+def _count_calls(module: torch.nn.Module, fail_at: int | None = None) -> list[int]:
+    """A forward hook counting `module`'s calls (into the returned list); with `fail_at`, that call raises."""
+    calls = []
+
+    def hook(*_):
+        calls.append(1)
+        if fail_at is not None and len(calls) == fail_at:
+            raise RuntimeError("simulated crash")
+
+    module.register_forward_pre_hook(hook)
+    return calls
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(folder / "model.safetensors")
+
+
+def _ema(folder) -> list[torch.Tensor]:
+    return torch.load(folder / "custom_checkpoint_0.pkl", weights_only=False)["shadow_params"]
+
+
+def _assert_same_state(folder, reference) -> None:
+    """UNet weights and EMA weights of two checkpoints are bitwise equal."""
+    weights, expected = _weights(folder), _weights(reference)
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in weights)
+    ema, expected_ema = _ema(folder), _ema(reference)
+    assert len(ema) == len(expected_ema) == len(list(weights))
+    assert all(torch.equal(a, b) for a, b in zip(ema, expected_ema))
+
+
+# --- the loss falls ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["I", "II"])
+def test_loss_decreases_on_a_fixed_batch(tiny_text, tmp_path, stage):
+    """Training on two fixed examples lowers the hybrid loss measured on fixed draws (timesteps, noise, and for
+    stage II the augmentation) before and after. Stage II reads `ShapesDataset` `Example` items."""
+    tokenizer, text_encoder = tiny_text
+    unet = tiny_unet(stage)
+    size = RESOLUTION[stage]
+    dataset = Pairs(2, size) if stage == "I" else ShapesDataset(2, seed=0, size=size)
+    items = [dataset[i] if stage == "I" else (dataset[i].image, dataset[i].caption) for i in range(2)]
+    images = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+                          for im, _ in items])  # fmt: skip
+    table = embed_captions([c for _, c in items], tokenizer, text_encoder)
+    text = torch.stack([table[c] for _, c in items])
+    schedule = diffusion_schedule(denoising_scheduler(stage))
+    alphas = noising_scheduler().alphas_cumprod if stage == "II" else None
+
+    def measured() -> float:
+        with torch.no_grad():
+            losses = [diffusion_loss(unet, images, text, torch.Generator().manual_seed(s), schedule, alphas).mean()
+                      for s in range(8)]  # fmt: skip
+        return torch.stack(losses).mean().item()
+
+    before = measured()
+    config = _config(tmp_path, stage=stage, resolution=size, max_train_steps=20, gradient_accumulation_steps=1,
+                     ema_decay=None, text_dropout=0.0, checkpointing_steps=100)  # fmt: skip
+    train(config, unet, tokenizer, text_encoder, dataset)
+    after = measured()
+    assert after < 0.5 * before, (before, after)  # measured: 1.88 -> 0.54 (I), 1.83 -> 0.37 (II)
+
+
+# --- exact resume -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_text, tmp_path_factory):
+    """Four steps (two micro-steps each, three items: epochs wrap mid-step) straight through, with EMA, checkpoints
+    every two steps and validation at step 4."""
+    tokenizer, text_encoder = tiny_text
+    root = tmp_path_factory.mktemp("straight")
+    config = _config(root, validation_steps=4, validation_prompts=["a red circle", "a green square"])
+    folder = train(config, tiny_unet("I"), tokenizer, text_encoder, Pairs(3))
+    return config.output_dir, folder
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tiny_text, tmp_path, straight_run):
+    """Two steps, stop, resume to four: UNet and EMA weights at step 4 equal the straight run's bitwise (validation,
+    which the straight run did, changes nothing), and so does the saved UNet."""
+    tokenizer, text_encoder = tiny_text
+    train(_config(tmp_path, max_train_steps=2), tiny_unet("I"), tokenizer, text_encoder, Pairs(3))
+    unet = tiny_unet("I", seed=1)  # the checkpoint replaces every weight
+    calls = _count_calls(unet)
+    config = _config(tmp_path, resume_from_checkpoint="latest")
+    folder = train(config, unet, tokenizer, text_encoder, Pairs(3))
+    assert len(calls) == 4  # steps 3 and 4, two micro-steps each
+    straight, straight_folder = straight_run
+    _assert_same_state(config.output_dir / "checkpoints/checkpoint-4", straight / "checkpoints/checkpoint-4")
+    saved, expected = (safetensors.torch.load_file(f / "unet/diffusion_pytorch_model.safetensors")
+                       for f in (folder, straight_folder))  # fmt: skip
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint(tiny_text, tmp_path, straight_run):
+    """A crash during step 3 (after checkpoint-2) leaves checkpoint-2 and no result; resuming "latest" redoes only
+    steps 3 and 4 and ends at the straight run's weights."""
+    tokenizer, text_encoder = tiny_text
+    unet = tiny_unet("I")
+    _count_calls(unet, fail_at=6)  # micro-steps 1-4 are steps 1-2; the 6th forward is step 3's second
+    config = _config(tmp_path)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config, unet, tokenizer, text_encoder, Pairs(3))
+    checkpoints = sorted(p.name for p in (config.output_dir / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-2"] and not (config.output_dir / "pipeline").exists()
+    unet = tiny_unet("I", seed=1)
+    calls = _count_calls(unet)
+    train(_config(tmp_path, resume_from_checkpoint="latest"), unet, tokenizer, text_encoder, Pairs(3))
+    assert len(calls) == 4
+    _assert_same_state(config.output_dir / "checkpoints/checkpoint-4", straight_run[0] / "checkpoints/checkpoint-4")
+
+
+def test_saved_pipeline_loads_and_runs(straight_run):
+    """The result loads with `IFPipeline.from_pretrained`, holds the EMA weights and generates; validation wrote
+    its image."""
+    output_dir, folder = straight_run
+    assert folder == output_dir / "pipeline"
+    assert PIL.Image.open(output_dir / "validation/step-4.png").size == (2 * 16, 16)
+    pipeline = IFPipeline.from_pretrained(folder)
+    ema = _ema(output_dir / "checkpoints/checkpoint-4")
+    assert all(torch.equal(p, e) for p, e in zip(pipeline.unet.parameters(), ema))
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                      output_type="pt").images  # fmt: skip
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+# --- LoRA -------------------------------------------------------------------------------------------------------
+
+
+def test_lora_round_trip(tiny_text, tmp_path):
+    """A LoRA trained for a few steps (with EMA), saved, and loaded with `load_lora_weights` into a fresh pipeline
+    gives exactly the images of the adapted UNet in memory, and other images than the base UNet."""
+    tokenizer, text_encoder = tiny_text
+    unet = tiny_unet("I")
+    base = tiny_unet("I")
+    assert all(torch.equal(a, b) for a, b in zip(unet.parameters(), base.parameters()))
+    folder = train(_config(tmp_path, lora_rank=4, max_train_steps=3), unet, tokenizer, text_encoder, Pairs(3))
+    assert (folder / "pytorch_lora_weights.safetensors").is_file()
+
+    def generate(model) -> torch.Tensor:
+        pipeline = IFPipeline(tokenizer=tokenizer, text_encoder=text_encoder, unet=model,
+                              scheduler=denoising_scheduler("I"), safety_checker=None, feature_extractor=None,
+                              watermarker=None, requires_safety_checker=False)  # fmt: skip
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline, pipeline("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                                  output_type="pt").images  # fmt: skip
+
+    _, adapted = generate(unet)
+    pipeline, plain = generate(base)
+    pipeline.load_lora_weights(folder)
+    loaded = pipeline("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                      output_type="pt").images  # fmt: skip
+    assert torch.equal(loaded, adapted)
+    assert (plain - adapted).abs().max() > 1e-3  # measured: 0.017
+
+
+# --- text dropout and the embedding cache ------------------------------------------------------------------------
+
+
+def test_text_dropout_feeds_empty_embeddings_at_the_rate(tiny_text, tmp_path):
+    """With `text_dropout=0.25` the UNet receives T5("") for the rows the seeded draws pick (the first draw of each
+    micro-step's generator) and the caption's own embedding for the others; about a quarter of 48 rows."""
+    tokenizer, text_encoder = tiny_text
+    unet = tiny_unet("I")
+    seen = []
+    unet.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()),
+                                   with_kwargs=True)  # fmt: skip
+    config = _config(tmp_path, train_batch_size=4, max_train_steps=12, gradient_accumulation_steps=1,
+                     text_dropout=0.25, ema_decay=None, checkpointing_steps=100)  # fmt: skip
+    train(config, unet, tokenizer, text_encoder, Pairs(3))
+    table = embed_captions(["", *CAPTIONS], tokenizer, text_encoder)
+    dropped = 0
+    for micro_step, rows in enumerate(seen):
+        expected = (torch.rand(4, generator=step_generator(config.seed, micro_step, 0, "cpu")) < 0.25).tolist()
+        for row, drop in zip(rows, expected):
+            is_empty = torch.equal(row, table[""])
+            assert is_empty == drop and (drop or any(torch.equal(row, table[c]) for c in CAPTIONS))
+            dropped += drop
+    assert len(seen) == 12 and 4 <= dropped <= 20, dropped
+
+
+def test_embedding_cache_is_written_and_reused(tiny_text, tmp_path):
+    """A first run writes one cache file per distinct text (captions, "", validation prompts); a second run reads
+    them and never calls T5. Another token count is another key."""
+    tokenizer, text_encoder = tiny_text
+    cache = tmp_path / "cache"
+    calls = _count_calls(text_encoder)
+    settings = dict(
+        max_train_steps=1, gradient_accumulation_steps=1, checkpointing_steps=100, embedding_cache_dir=cache
+    )
+    train(_config(tmp_path, "first", **settings), tiny_unet("I"), tokenizer, text_encoder, Pairs(3))
+    assert len(calls) > 0 and len(list(cache.glob("*.safetensors"))) == len(CAPTIONS) + 1
+    first = embed_captions(CAPTIONS, tokenizer, text_encoder, cache_dir=cache)
+    calls.clear()
+    train(_config(tmp_path, "second", **settings), tiny_unet("I"), tokenizer, text_encoder, Pairs(3))
+    assert calls == []
+    fresh = embed_captions(CAPTIONS, tokenizer, text_encoder)  # no cache: encoded now
+    assert all(torch.equal(first[c], fresh[c]) for c in CAPTIONS)
+    calls.clear()
+    embed_captions(CAPTIONS, tokenizer, text_encoder, max_sequence_length=16, cache_dir=cache)
+    assert len(calls) > 0 and len(list(cache.glob("*.safetensors"))) == 2 * len(CAPTIONS) + 1
+
+
+# --- bad inputs ---------------------------------------------------------------------------------------------------
+
+
+def _image_folder(root, sizes=(16, 16), captions=None, extra_files=()) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    for index, size in enumerate(sizes):
+        PIL.Image.new("RGB", (size, size), (40 * index, 80, 120)).save(root / f"{index}.png")
+    for name in extra_files:
+        (root / name).write_bytes(b"not an image")
+    captions = captions if captions is not None else {f"{i}.png": CAPTIONS[i % 3] for i in range(len(sizes))}
+    lines = [json.dumps({"file": name, "caption": text}) for name, text in captions.items()]
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("unreadable", "9.png is not a readable image"),
+        ("uncaptioned", "1.png has no caption"),
+        ("caption_without_file", "names 'missing.png', which is not a file"),
+        ("wrong_size", "1.png is 24x24; expected 16x16 .*resize"),
+    ],
+)
+def test_bad_image_folder_raises_naming_the_file(tmp_path, case, message):
+    """Each defect of a captioned image folder is a ValueError naming the file, raised when the folder is read."""
+    folder = {
+        "unreadable": lambda: _image_folder(tmp_path, extra_files=["9.png"],
+                                            captions={"0.png": "a", "1.png": "b", "9.png": "c"}),
+        "uncaptioned": lambda: _image_folder(tmp_path, captions={"0.png": "a red circle"}),
+        "caption_without_file": lambda: _image_folder(tmp_path, captions={"0.png": "a", "1.png": "b",
+                                                                          "missing.png": "c"}),
+        "wrong_size": lambda: _image_folder(tmp_path, sizes=(16, 24)),
+    }[case]()  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        CaptionedImageFolder(folder, 16)
+
+
+def test_bad_run_inputs_raise_before_any_step(tiny_text, tmp_path):
+    """A non-empty output folder (without overwrite or resume), a dataset image of the wrong size, a stage II UNet
+    for stage I and invalid settings raise ValueError before the UNet or T5 runs."""
+    tokenizer, text_encoder = tiny_text
+    unet = tiny_unet("I")
+    unet_calls, text_calls = _count_calls(unet), _count_calls(text_encoder)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="output_dir=.* exists and is not empty"):
+        train(_config(tmp_path), unet, tokenizer, text_encoder, Pairs(3))
+    with pytest.raises(ValueError, match=r"dataset\[0\] is 24x24; expected 16x16"):
+        train(_config(tmp_path, "other"), unet, tokenizer, text_encoder, Pairs(3, size=24))
+    with pytest.raises(ValueError, match="stage I expects 3 in"):
+        train(_config(tmp_path, "other"), tiny_unet("II"), tokenizer, text_encoder, Pairs(3))
+    with pytest.raises(ValueError, match="resume_from_checkpoint=.* is not a checkpoint folder"):
+        train(_config(tmp_path, "other", resume_from_checkpoint=tmp_path), unet, tokenizer, text_encoder, Pairs(3))
+    assert unet_calls == [] and text_calls == [] and (tmp_path / "run" / "notes.txt").read_text() == "keep me"
+    for field, value in [("stage", "III"), ("text_dropout", 1.5), ("train_batch_size", 0), ("lora_rank", 0),
+                         ("mixed_precision", "fp8"), ("ema_decay", 1.0), ("validation_steps", 2)]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"^{field}="):
+            _config(tmp_path, **{field: value})
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+
+
+def test_command_line_fine_tunes_a_saved_pipeline(straight_run, tmp_path, capsys):
+    """`scripts/train.py` / `if-diffusers train` fine-tunes the saved pipeline on a csv-captioned folder and writes a
+    loadable pipeline; a bad folder is one error line and exit code 1."""
+    data = tmp_path / "data"
+    _image_folder(data, sizes=(16, 16, 16))
+    (data / "captions.jsonl").unlink()
+    (data / "captions.csv").write_text('file,caption\n0.png,"a red circle, large"\n1.png,a green square\n'
+                                       "2.png,a yellow triangle\n")  # fmt: skip
+    assert CaptionedImageFolder(data, 16).captions[0] == "a red circle, large"
+    arguments = ["--model", str(straight_run[1]), "--stage", "I", "--train-data", str(data), "--resolution", "16",
+                 "--output-dir", str(tmp_path / "out"), "--max-train-steps", "2", "--train-batch-size", "2",
+                 "--no-ema"]  # fmt: skip
+    assert train_main(arguments) == 0
+    IFPipeline.from_pretrained(tmp_path / "out" / "pipeline")
+    assert train_main([*arguments[:-1], "--resolution", "32"]) == 1
+    assert "is 16x16; expected 32x32" in capsys.readouterr().err
