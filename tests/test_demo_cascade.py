@@ -1,0 +1,55 @@
+"""The demo cascade's building blocks: a tokenizer with a piece per caption word, a seeded frozen T5, and the quality
+measure, which must give a perfect generator full marks and a shapeless one chance-level marks."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import PIL.Image
+import torch
+
+from if_diffusers.demo_cascade import demo_text_encoder, demo_tokenizer, quality_scores
+from if_diffusers.synthetic import shapes
+
+
+def test_tokenizer_has_one_piece_per_caption_word_and_t5_is_seeded():
+    tokenizer = demo_tokenizer()
+    caption = "a small red triangle at the top left on a blue background"
+    assert tokenizer.tokenize(caption) == ["\u2581" + word for word in caption.split()]
+    assert len(tokenizer) == len(shapes.caption_vocabulary()) + 3  # <pad>, </s>, <unk>
+    first, second = demo_text_encoder(len(tokenizer)), demo_text_encoder(len(tokenizer))
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    assert not any(p.requires_grad for p in first.parameters())
+
+
+class _Renderer:
+    """A stand-in cascade: draws each caption's ground truth (`perfect`) or a shapeless random field."""
+
+    def __init__(self, perfect: bool, count: int):
+        self.perfect = perfect
+        self.records = {shapes.sample_record(i, 0, held_out=True).caption: shapes.sample_record(i, 0, held_out=True)
+                        for i in range(count)}  # fmt: skip
+        self.calls = []
+
+    def __call__(self, prompts, generator, return_intermediates, **call):
+        self.calls.append(call)
+        rng = np.random.default_rng(len(self.calls))
+
+        def draw(prompt: str, size: int) -> PIL.Image.Image:
+            if self.perfect:
+                return shapes.render(self.records[prompt], size)
+            field = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+            return PIL.Image.fromarray(field).resize((size, size), PIL.Image.BICUBIC)
+
+        return SimpleNamespace(stage_1_images=[draw(p, 64) for p in prompts], images=[draw(p, 256) for p in prompts])
+
+
+def test_quality_scores_give_a_perfect_generator_full_marks_and_noise_chance():
+    perfect, noise = _Renderer(True, 32), _Renderer(False, 32)
+    good = quality_scores(perfect, count=32, batch_size=8, stage_1_timesteps="smart50")
+    bad = quality_scores(noise, count=32, batch_size=8)
+    assert len(perfect.calls) == 4 and perfect.calls[0] == {"stage_1_timesteps": "smart50"}
+    for stage in ("stage_1", "stage_2"):
+        assert good[stage]["colour"] == 1.0 and good[stage]["shape"] >= 0.95 and good[stage]["position"] == 1.0
+        assert bad[stage]["colour"] < 0.4 and bad[stage]["all"] < 0.1
