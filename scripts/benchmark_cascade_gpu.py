@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_offload_gpu import MODES, PROMPTS, TOLERANCE, tiny_components  # noqa: E402
+from check_offload_gpu import MODES, PROMPTS, TOLERANCE, run_in_mode, tiny_components  # noqa: E402
 
 SD_X4_UNET = dict(
     sample_size=128, in_channels=7, out_channels=4, layers_per_block=2, block_out_channels=(256, 512, 512, 1024),
@@ -97,21 +97,13 @@ def check_offload(folder: Path) -> bool:
                                         for k, v in base.components.items()}, requires_safety_checker=False)  # fmt: skip
         pipeline.set_progress_bar_config(disable=True)
         on_gpu_while_running = _watch_gpu_residents(pipeline) if mode == "model_cpu_offload" else None
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            enable(pipeline)
-            start = time.perf_counter()
-            images = pipeline(PROMPTS[:2], generator=torch.Generator().manual_seed(0), output_type="pt",
-                              stage_1_num_inference_steps=4, stage_2_num_inference_steps=4,
-                              stage_3_num_inference_steps=4).images.cpu()  # fmt: skip
-            torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
-        except Exception as error:  # report every mode, then fail
-            print(f"cascade {mode:26s} FAILED: {type(error).__name__}: {error}")
+        run = run_in_mode("cascade", mode, enable, pipeline, lambda p: p(
+            PROMPTS[:2], generator=torch.Generator().manual_seed(0), output_type="pt", stage_1_num_inference_steps=4,
+            stage_2_num_inference_steps=4, stage_3_num_inference_steps=4).images)  # fmt: skip
+        if run is None:
             ok = False
             continue
-        peak = torch.cuda.max_memory_allocated() / 2**20
+        images, seconds, peak = run
         plain = images if plain is None else plain
         difference = (images - plain).abs().max().item()
         good = difference <= TOLERANCE

@@ -105,6 +105,23 @@ MODES: dict[str, Callable] = {
 }
 
 
+def run_in_mode(label: str, mode: str, enable: Callable, pipeline, call: Callable) -> tuple | None:
+    """Enable `mode` on `pipeline`, then time `call(pipeline)` (it returns images): `(images on the CPU, seconds,
+    peak MiB)`, or `None` after printing the failure (every mode is reported before the check fails)."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        enable(pipeline)
+        start = time.perf_counter()
+        images = call(pipeline).cpu()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    except Exception as error:
+        print(f"{label} {mode:26s} FAILED: {type(error).__name__}: {error}")
+        return None
+    return images, seconds, torch.cuda.max_memory_allocated() / 2**20
+
+
 def check(name: str, components: dict, steps: int, size: int) -> bool:
     """Run `name` in every mode; print one line per mode; True when all ran and matched the plain images."""
     import if_diffusers
@@ -114,20 +131,13 @@ def check(name: str, components: dict, steps: int, size: int) -> bool:
         pipeline = getattr(if_diffusers, name)(**dict(components, unet=copy.deepcopy(components["unet"]),
                                                       text_encoder=copy.deepcopy(components["text_encoder"])))  # fmt: skip
         pipeline.set_progress_bar_config(disable=True)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            enable(pipeline)
-            start = time.perf_counter()
-            images = pipeline(prompt=PROMPTS[0], **_inputs(name, size), num_inference_steps=steps, output_type="pt",
-                              generator=torch.Generator().manual_seed(0)).images.cpu()  # fmt: skip
-            torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
-        except Exception as error:  # report every mode, then fail
-            print(f"{name:38s} {mode:26s} FAILED: {type(error).__name__}: {error}")
+        run = run_in_mode(f"{name:38s}", mode, enable, pipeline, lambda p: p(
+            prompt=PROMPTS[0], **_inputs(name, size), num_inference_steps=steps, output_type="pt",
+            generator=torch.Generator().manual_seed(0)).images)  # fmt: skip
+        if run is None:
             ok = False
             continue
-        peak = torch.cuda.max_memory_allocated() / 2**20
+        images, seconds, peak = run
         plain = images if plain is None else plain
         difference = (images - plain).abs().max().item()
         where = pipeline.unet.device.type if mode == "model_cpu_offload" else "-"

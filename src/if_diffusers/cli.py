@@ -19,6 +19,7 @@ from pathlib import Path
 import PIL.Image
 
 from .conversion import command_line as convert_command
+from .image_processing import image_grid
 from .training import command_line as train_command
 
 OFFLOAD = ("none", "model", "sequential")
@@ -138,24 +139,13 @@ def save_images(output: Path, result) -> list[Path]:
             continue
         for index, image in enumerate(images):
             written.append(_save(image, output.with_name(f"{output.stem}{suffix}-{index}{output.suffix}")))
-        written.append(_save(_grid(images), output.with_name(f"{output.stem}{suffix}-grid{output.suffix}")))
+        written.append(_save(image_grid(images), output.with_name(f"{output.stem}{suffix}-grid{output.suffix}")))
     return written
 
 
 def _save(image: PIL.Image.Image, path: Path) -> Path:
     image.save(path)
     return path
-
-
-def _grid(images: list[PIL.Image.Image]) -> PIL.Image.Image:
-    """The images side by side in rows of up to 4."""
-    columns = min(4, len(images))
-    rows = -(-len(images) // columns)
-    width, height = images[0].size
-    grid = PIL.Image.new("RGB", (columns * width, rows * height))
-    for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
-    return grid
 
 
 if __name__ == "__main__":

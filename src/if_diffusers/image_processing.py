@@ -173,3 +173,14 @@ def postprocess(images: torch.Tensor, output_type: str) -> Any:
     if output_type == "np":
         return array
     return [PIL.Image.fromarray((a * 255).round().astype("uint8")) for a in array]
+
+
+def image_grid(images: list[PIL.Image.Image], columns: int = 4) -> PIL.Image.Image:
+    """Same-size images in rows of `columns` (diffusers' `make_image_grid` needs a full last row)."""
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    width, height = images[0].size
+    grid = PIL.Image.new("RGB", (columns * width, rows * height))
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    return grid

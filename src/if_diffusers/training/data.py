@@ -21,6 +21,8 @@ import PIL.Image
 import safetensors.torch
 import torch
 
+from ..image_processing import to_image_tensor
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_FILES = ("captions.jsonl", "captions.csv")
 
@@ -174,8 +176,7 @@ def to_training_tensor(image: PIL.Image.Image, resolution: int, index: int) -> t
             f"dataset[{index}] is {image.size[0]}x{image.size[1]}; expected {resolution}x{resolution} (the training "
             "resolution): resize the images beforehand, nothing is resized during training"
         )
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return to_image_tensor(image, f"dataset[{index}]")[0]
 
 
 @dataclass

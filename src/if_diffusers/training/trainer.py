@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_constant_schedule_with_warmup
@@ -41,7 +40,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from ..atomic_folder import atomic_folder, check_writable_folder
-from ..image_processing import size_multiple
+from ..image_processing import image_grid, size_multiple
 from ..scheduling import denoising_scheduler, noising_scheduler
 from .data import (
     CaptionedDataset,
@@ -455,7 +454,7 @@ class _Run:
             self.model.train()
             folder = config.output_dir / "validation"
             folder.mkdir(parents=True, exist_ok=True)
-            _side_by_side(images).save(folder / f"step-{self.progress.step}.png")
+            image_grid(images, columns=len(images)).save(folder / f"step-{self.progress.step}.png")
         accelerator.wait_for_everyone()
 
     def _save_result(self) -> Path:
@@ -479,11 +478,3 @@ class _Run:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return folder
-
-
-def _side_by_side(images: list[PIL.Image.Image]) -> PIL.Image.Image:
-    width, height = images[0].size
-    grid = PIL.Image.new("RGB", (width * len(images), height))
-    for index, image in enumerate(images):
-        grid.paste(image, (index * width, 0))
-    return grid
