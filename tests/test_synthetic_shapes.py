@@ -11,6 +11,7 @@ from if_diffusers.synthetic.analysis import analyse, score
 from if_diffusers.synthetic.shapes import (
     COLOURS,
     HELD_OUT_PAIRS,
+    POSITION_PHRASES,
     caption,
     caption_vocabulary,
     held_out_examples,
@@ -55,12 +56,18 @@ def test_shape_colour_differs_from_backgrounds_and_captions_name_them():
     """The shape is never drawn in a background colour (it would be invisible), and the caption names every
     attribute, using only `caption_vocabulary` words."""
     vocabulary = set(caption_vocabulary())
-    for record in _mixed_records(2000, seed=1):
+    records = _mixed_records(2000, seed=1)
+    for record in records:
         assert record.colour not in (record.background, record.background2)
         text = caption(record)
         assert set(text.split()) <= vocabulary
-        for word in (record.shape, record.colour, record.size, record.background):
+        for word in (record.shape, record.colour, record.background):
             assert word in text.split()
+        shape_part = text[: text.rindex(" on a ")]  # the background phrase comes last
+        assert (record.size in shape_part.split()) == record.says_size
+        assert shape_part.endswith(POSITION_PHRASES[record.position]) == record.says_position
+    for says in ("says_size", "says_position"):  # each left out of about OMIT_PROBABILITY = 0.2 of the captions
+        assert 0.16 < sum(not getattr(record, says) for record in records) / len(records) < 0.24
     assert caption(sample_record(0, 0)).startswith("a ")
 
 

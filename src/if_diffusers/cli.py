@@ -1,5 +1,6 @@
 """The `if-diffusers` command line.
 
+    if-diffusers generate "a red circle on a blue background" -o out.png   # the bundled demo model, on the CPU
     if-diffusers generate "a red circle on a blue background" -o out.png --model IF-cascade
     if-diffusers generate "a watercolour" --mode img2img --image photo.png --model DeepFloyd/IF-I-XL-v1.0 \\
         --stage-2 DeepFloyd/IF-II-L-v1.0 --stage-3 stabilityai/stable-diffusion-x4-upscaler --offload model
@@ -18,8 +19,10 @@ from pathlib import Path
 
 import PIL.Image
 
+from . import demo_cascade
 from .conversion import command_line as convert_command
 from .image_processing import image_grid
+from .synthetic import shapes
 from .training import command_line as train_command
 
 OFFLOAD = ("none", "model", "sequential")
@@ -47,15 +50,16 @@ def main(argv: list[str] | None = None) -> int:
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the text to draw")
     parser.add_argument("-o", "--output", default="out.png", help="image file to write (default out.png)")
-    parser.add_argument("--model", required=True,
-                        help="a saved IFCascadePipeline folder, or stage I's folder or hub id (with --stage-2)")  # fmt: skip
+    parser.add_argument("--model", help="a saved IFCascadePipeline folder, or stage I's folder or hub id (with "
+                        "--stage-2); default: the demo cascade bundled in the package (32x32 -> 128x128 shapes)")  # fmt: skip
     parser.add_argument("--stage-2", help="stage II's folder or hub id, when --model is stage I's")
     parser.add_argument("--stage-3", help="the x4 upscaler's folder or hub id (optional)")
     parser.add_argument("--mode", choices=MODES, default="text2img")
     parser.add_argument("--image", help="img2img / inpaint: the source image file")
     parser.add_argument("--mask", help="inpaint: the mask image file (white where to repaint)")
     parser.add_argument("--negative-prompt")
-    parser.add_argument("--steps", type=int, help="denoising steps of every stage (default: the original's presets)")
+    parser.add_argument("--steps", type=int, help="denoising steps of every stage (default: the original's presets; "
+                        "for the bundled demo model, the faster ones its quality is measured with)")  # fmt: skip
     parser.add_argument("--guidance", type=float, help="guidance scale of stages I and II (default: the original's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=1, help="images to make (saved one by one and as a grid)")
@@ -90,6 +94,8 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         else:
             pipeline.to(device)
         steps = {} if args.steps is None else {f"stage_{n}_num_inference_steps": args.steps for n in (1, 2, 3)}
+        if args.model is None and args.steps is None and args.mode == "text2img":
+            steps = dict(demo_cascade.QUALITY_CALL)  # the bundled model's presets, at which its scores are measured
         if not pipeline.has_stage_3:
             steps.pop("stage_3_num_inference_steps", None)
         guidance = {} if args.guidance is None else {"stage_1_guidance_scale": args.guidance,
@@ -110,6 +116,14 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
 def _load(args: argparse.Namespace, dtype):
     from .pipelines import IFCascadePipeline
 
+    if args.model is None:
+        if args.stage_2 is not None or args.stage_3 is not None:
+            raise ValueError("--stage-2 and --stage-3 need --model (stage I's folder or hub id)")
+        unknown = demo_cascade.unknown_words(args.prompt)
+        if unknown:
+            print(f"warning: the bundled demo model knows only the words of its shape captions; {unknown} are unknown "
+                  f"to it. Known words: {' '.join(shapes.caption_vocabulary())}", file=sys.stderr)  # fmt: skip
+        return demo_cascade.load_demo_cascade(torch_dtype=dtype)
     if args.stage_2 is None:
         if args.stage_3 is not None:
             raise ValueError("--stage-3 needs --stage-2 (and --model as stage I)")

@@ -1,10 +1,11 @@
-"""The small demo IF cascade of the synthetic shapes (`if_diffusers.synthetic`): how it is built, and how its quality
-is measured.
+"""The small demo IF cascade of the synthetic shapes (`if_diffusers.synthetic`): how it is built, where the trained
+one ships, and how its quality is measured.
 
 Built from: a T5 tokenizer whose sentencepiece vocabulary is trained on the captions' words, a tiny T5 encoder with
 random weights from a fixed seed (frozen, as IF's T5: the UNets learn to read whatever features it gives), a small
 stage-I UNet and a small x4 super-resolution UNet of this package's classes. `scripts/train_demo_cascade.py` trains
-the UNets with `if_diffusers.training`.
+the UNets with `if_diffusers.training`; the result ships inside the package (`bundled_model_path`,
+`load_demo_cascade`) and is what `if-diffusers generate` runs when no `--model` is given.
 
 Quality: images generated from held-out captions (shape/colour pairs never seen in training) are read by the
 deterministic analyser (`synthetic.analysis`), at stage I and after stage II; the same architecture with random
@@ -13,10 +14,14 @@ weights is the chance-level reference.
 
 from __future__ import annotations
 
+import re
 import tempfile
+import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .models import IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
@@ -24,19 +29,50 @@ from .models.original_params import OriginalUNetParams
 from .synthetic import analysis, shapes
 
 DEMO_SEED = 0
+BUNDLED_MODEL_FOLDER = "demo_model"  # inside the package: the trained cascade (float16 weights)
+MODEL_CARD = "IF-demo-shapes.md"  # in model_cards/
+# The fast sampling presets the quality scores are measured with (IF's own respacings, as the original README's).
+QUALITY_CALL: dict[str, Any] = {"stage_1_timesteps": "smart50", "stage_2_timesteps": "smart27"}
 TEXT_WIDTH = 64  # the tiny T5's d_model: the UNets' encoder_dim
-STAGE_1_SIZE = 64
-# The original IF's params (as in `models.presets`), at a size a 2-core CPU trains in minutes.
+STAGE_1_SIZE = 32
+STAGE_2_SIZE = 4 * STAGE_1_SIZE
+SUPER_RESOLUTION_CROP = 32  # stage II trains on crops of this side of its 128x128 targets
+# The original IF's params (as in `models.presets`), at a size a 2-core CPU trains in under an hour.
 STAGE_1_PARAMS: dict[str, Any] = {
     "image_size": STAGE_1_SIZE, "in_channels": 3, "model_channels": 32, "out_channels": 6, "num_res_blocks": 1,
-    "channel_mult": "1,2,4", "attention_resolutions": "16", "num_heads": 1, "num_head_channels": 32,
+    "channel_mult": "1,2,4", "attention_resolutions": "8", "num_heads": 1, "num_head_channels": 32,
     "use_scale_shift_norm": True, "resblock_updown": True, "encoder_dim": TEXT_WIDTH, "encoder_channels": 128,
     "activation": "gelu", "att_pool_heads": 2, "disable_self_attentions": False, "precision": "32",
 }  # fmt: skip
 STAGE_2_PARAMS: dict[str, Any] = {
-    **STAGE_1_PARAMS, "image_size": 4 * STAGE_1_SIZE, "in_channels": 6, "channel_mult": "1,1,2,4",
+    **STAGE_1_PARAMS, "image_size": STAGE_2_SIZE, "in_channels": 6, "channel_mult": "1,1,2,4",
     "attention_resolutions": "8", "efficient_activation": True, "scale_skip_connection": True,
 }  # fmt: skip
+
+
+def bundled_model_path() -> Path:
+    """The trained demo cascade's folder inside the installed package (an `IFCascadePipeline` without stage III)."""
+    folder = Path(str(resources.files(__package__) / BUNDLED_MODEL_FOLDER))
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"the bundled demo model is missing ({folder / 'model_index.json'} does not exist): this installation of "
+            "if-diffusers is incomplete; reinstall it, or pass a model with --model / from_pretrained"
+        )
+    return folder
+
+
+def load_demo_cascade(torch_dtype: torch.dtype = torch.float32, **kwargs: Any):
+    """`IFCascadePipeline.from_pretrained(bundled_model_path(), torch_dtype=torch_dtype, **kwargs)`: 32x32 at stage I,
+    128x128 after stage II. Its weights are stored in float16; float32 (the default) suits CPUs."""
+    from .pipelines import IFCascadePipeline
+
+    return IFCascadePipeline.from_pretrained(bundled_model_path(), torch_dtype=torch_dtype, **kwargs)
+
+
+def unknown_words(prompt: str) -> list[str]:
+    """The words of `prompt` outside the captions' vocabulary, in order (the demo's tokenizer reads them as <unk>)."""
+    vocabulary = set(shapes.caption_vocabulary())
+    return [word for word in re.findall(r"[a-z]+", prompt.lower()) if word not in vocabulary]
 
 
 def demo_tokenizer(captions_sample: int = 2000):
@@ -82,6 +118,36 @@ def demo_unet(stage: str, seed: int = DEMO_SEED):
     return cls.from_config(OriginalUNetParams.parse(params).to_unet_config())
 
 
+class SuperResolutionCrops:
+    """Stage II's training data: `length` square crops of side `crop` from `shapes.render(record, size)` of the
+    training records, each an `Example` whose caption is its whole image's. The crop's corner is a pure function
+    of `(seed, index)` and a multiple of 4, so the crop's x4 downsample is a crop of the downsampled image.
+
+    As Imagen trains its last super-resolution stage: the UNet is convolutional, so it learns from crops at the scale
+    it then upsamples whole images, at a sixteenth of the cost of 128x128 targets.
+    """
+
+    def __init__(self, length: int, seed: int = DEMO_SEED, size: int = STAGE_2_SIZE,
+                 crop: int = SUPER_RESOLUTION_CROP) -> None:  # fmt: skip
+        if not isinstance(crop, int) or crop % 4 or not 4 <= crop <= size:
+            raise ValueError(f"`crop` is {crop!r}; expected a multiple of 4 between 4 and `size` ({size}).")
+        self.shapes = shapes.ShapesDataset(length, seed, size)
+        self.crop = crop
+        self.captions = [shapes.sample_record(i, seed).caption for i in range(length)]
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, index: int) -> shapes.Example:
+        example = self.shapes[index]
+        corners = np.random.default_rng((self.shapes.seed, index, 2)).integers(
+            0, (self.shapes.size - self.crop) // 4 + 1, 2
+        )
+        left, top = (4 * int(c) for c in corners)
+        image = example.image.crop((left, top, left + self.crop, top + self.crop))
+        return shapes.Example(image, example.caption, example.record)
+
+
 def quality_scores(pipeline, count: int = 64, seed: int = DEMO_SEED, batch_size: int = 16,
                    **call: Any) -> dict[str, dict[str, float]]:  # fmt: skip
     """Analyser accuracies (colour, shape, position, all) of images generated by an `IFCascadePipeline` without
@@ -96,3 +162,23 @@ def quality_scores(pipeline, count: int = 64, seed: int = DEMO_SEED, batch_size:
         stage_1 += output.stage_1_images
         stage_2 += output.images
     return {"stage_1": analysis.score(stage_1, records), "stage_2": analysis.score(stage_2, records)}
+
+
+def random_weights_like(cascade):
+    """`cascade` (a demo cascade) with both UNets at their random initial weights: the chance-level reference."""
+    from .pipelines import IFCascadePipeline
+
+    unets = {"stage_1_unet": demo_unet("I").to(cascade.dtype), "stage_2_unet": demo_unet("II").to(cascade.dtype)}
+    return IFCascadePipeline(**{**cascade.components, **unets}, requires_safety_checker=False)
+
+
+def benchmark_scores(cascade, count: int = 64, **call: Any) -> dict[str, dict[str, Any]]:
+    """`quality_scores` of `cascade` and of `random_weights_like(cascade)` on the same `count` held-out captions,
+    with `QUALITY_CALL` updated by `call`: `{"trained": {...}, "random weights": {...}}`, each with its "seconds"."""
+    results = {}
+    for name, pipeline in (("trained", cascade), ("random weights", random_weights_like(cascade))):
+        pipeline.set_progress_bar_config(disable=True)
+        start = time.perf_counter()
+        results[name] = quality_scores(pipeline, count=count, **{**QUALITY_CALL, **call})
+        results[name]["seconds"] = round(time.perf_counter() - start, 1)
+    return results

@@ -2,7 +2,7 @@
 
 Every example is a pure function of `(index, seed)`: the attributes are drawn from
 `np.random.default_rng((seed, index, split))` into a frozen `ShapeRecord`, the caption is written from the record
-alone, and `render(record, size)` draws the record at any size (64 for stage I, 256 for stage II). Drawing happens
+alone, and `render(record, size)` draws the record at any size (32 for the demo's stage I, 128 after its stage II). Drawing happens
 at 4x the target size and is box-downsampled, so edges are antialiased and each edge pixel is the area-weighted mix
 of shape and background (which is what `analysis.analyse` assumes when it thresholds at half contrast).
 
@@ -33,11 +33,13 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
 }
 # Half-extent of the shape as a fraction of the image side (a circle's radius, a square's half side).
-SIZES: dict[str, float] = {"small": 0.09, "large": 0.145}
-# 3x3 grid: row (y) and column (x) anchors as fractions of the side. Anchors sit 0.11 inside the thirds' boundaries
+# Large enough that the analyser still reads the shape at 32x32 (the demo cascade's stage-I size), small enough that
+# a shape in an outer cell keeps clear of the image's edge (the analyser reads the background there).
+SIZES: dict[str, float] = {"small": 0.13, "large": 0.18}
+# 3x3 grid: row (y) and column (x) anchors as fractions of the side. Anchors sit 0.093 inside the thirds' boundaries
 # (1/3, 2/3) so that jitter plus antialiasing never moves a centroid into the neighbouring cell.
-ROWS: dict[str, float] = {"top": 0.22, "middle": 0.5, "bottom": 0.78}
-COLUMNS: dict[str, float] = {"left": 0.22, "middle": 0.5, "right": 0.78}
+ROWS: dict[str, float] = {"top": 0.24, "middle": 0.5, "bottom": 0.76}
+COLUMNS: dict[str, float] = {"left": 0.24, "middle": 0.5, "right": 0.76}
 POSITION_PHRASES: dict[str, str] = {
     "top left": "at the top left",
     "top": "at the top",
@@ -56,6 +58,9 @@ HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
     {("circle", "purple"), ("square", "orange"), ("triangle", "green"), ("star", "red"), ("cross", "white")}
 )
 TWO_TONE_PROBABILITY = 0.3
+# Captions leave out the size, and independently the position, with this probability (the record still has them),
+# so that short prompts such as "a red circle on a blue background" are in the training distribution.
+OMIT_PROBABILITY = 0.2
 POSITION_JITTER = 0.02  # uniform, fraction of the side
 SIZE_JITTER = 0.08  # uniform, relative
 SUPERSAMPLE = 4
@@ -68,7 +73,8 @@ class ShapeRecord:
 
     `centre` is the shape's centroid in fractions of the side (x, y); `extent` its half-extent, also in fractions.
     `background2` and `split` are both None for a plain background; for a two-tone one, `background` fills the left
-    (vertical split) or top (horizontal split) half and `background2` the other half.
+    (vertical split) or top (horizontal split) half and `background2` the other half. `says_size` and
+    `says_position` tell whether the caption names the size and the position.
     """
 
     shape: str
@@ -80,6 +86,8 @@ class ShapeRecord:
     split: str | None
     centre: tuple[float, float]
     extent: float
+    says_size: bool = True
+    says_position: bool = True
 
     @property
     def caption(self) -> str:
@@ -111,14 +119,17 @@ def _grid_cell(position: str) -> tuple[str, str]:
 
 
 def caption(record: ShapeRecord) -> str:
-    """e.g. "a small red triangle at the top left on a blue background"."""
+    """e.g. "a small red triangle at the top left on a blue background" (without "small" when not
+    `record.says_size`, without "at the top left" when not `record.says_position`)."""
     if record.split is None:
         background = f"on a {record.background} background"
     elif record.split == "vertical":
         background = f"on a background with {record.background} on the left and {record.background2} on the right"
     else:
         background = f"on a background with {record.background} at the top and {record.background2} at the bottom"
-    return f"a {record.size} {record.colour} {record.shape} {POSITION_PHRASES[record.position]} {background}"
+    words = ["a", record.size if record.says_size else "", record.colour, record.shape,
+             POSITION_PHRASES[record.position] if record.says_position else "", background]  # fmt: skip
+    return " ".join(word for word in words if word)
 
 
 def caption_vocabulary() -> tuple[str, ...]:
@@ -168,8 +179,9 @@ def sample_record(index: int, seed: int = 0, held_out: bool = False) -> ShapeRec
     dx, dy = rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=2)
     extent = SIZES[size] * (1.0 + rng.uniform(-SIZE_JITTER, SIZE_JITTER))
     centre = (round(COLUMNS[column] + float(dx), 4), round(ROWS[row] + float(dy), 4))
+    says_size, says_position = (bool(draw >= OMIT_PROBABILITY) for draw in rng.random(2))
     return ShapeRecord(shape, colour, size, position_name(row, column), background, background2, split, centre,
-                       round(float(extent), 4))  # fmt: skip
+                       round(float(extent), 4), says_size, says_position)  # fmt: skip
 
 
 def _regular_polygon(cx: float, cy: float, radii: list[float]) -> list[tuple[float, float]]:

@@ -1,0 +1,92 @@
+"""The trained demo cascade bundled in the package: README's main command runs it, its stage I draws held-out
+captions' shapes and places better than its random-weight twin (a small run of scripts/benchmark_demo_cascade.py),
+and it ships in the wheel, within its size budget."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import torch
+
+from if_diffusers import IFCascadePipeline, IFSuperResUNet2DConditionModel, IFUNet2DConditionModel, demo_cascade
+from if_diffusers.cli import main
+from if_diffusers.demo_cascade import benchmark_scores, bundled_model_path, load_demo_cascade, unknown_words
+
+ROOT = Path(__file__).resolve().parents[1]
+README_PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def demo() -> IFCascadePipeline:
+    pipeline = load_demo_cascade()
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_readme_main_command_writes_the_cascade_image(tmp_path):
+    """README's first command, as a user runs it: `if-diffusers generate "<prompt>" -o out.png` (the console script
+    the install put beside this Python) runs the bundled cascade and writes its 128x128 image."""
+    readme = (ROOT / "README.md").read_text()
+    assert f'if-diffusers generate "{README_PROMPT}" -o out.png' in readme
+    script = Path(sys.executable).with_name("if-diffusers")
+    command = [str(script) if script.exists() else shutil.which("if-diffusers"), "generate", README_PROMPT, "-o",
+               "out.png"]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {Path('out.png')}" in result.stdout and "unknown to it" not in result.stderr
+    with PIL.Image.open(tmp_path / "out.png") as image:
+        assert image.size == (128, 128) and image.mode == "RGB"
+
+
+def test_bundled_model_is_a_two_stage_cascade_of_the_plugin_unets_under_25_mb(demo):
+    assert isinstance(demo.stage_1_unet, IFUNet2DConditionModel) and demo.stage_1_unet.config.sample_size == 32
+    assert isinstance(demo.stage_2_unet, IFSuperResUNet2DConditionModel) and not demo.has_stage_3
+    assert demo.stage_1_unet.dtype == torch.float32  # stored in float16, loaded as asked
+    files = [path for path in bundled_model_path().rglob("*") if path.is_file()]
+    assert sum(path.stat().st_size for path in files) < 25 * 2**20
+
+
+def test_trained_stage_1_draws_held_out_shapes_and_places_better_than_random_weights(demo):
+    """A small version of scripts/benchmark_demo_cascade.py: 24 held-out captions (shape/colour pairs never seen in
+    training), fewer steps (stage II's quality is not asserted: see model_cards/IF-demo-shapes.md, where the full
+    benchmark's figures are). Random weights draw no readable colour."""
+    scores = benchmark_scores(demo, count=24, batch_size=24, stage_1_timesteps="smart27", stage_2_timesteps=[999, 500])
+    trained, random = scores["trained"]["stage_1"], scores["random weights"]["stage_1"]
+    assert trained["shape"] > random["shape"] and trained["position"] > random["position"], scores
+    assert max(random["colour"], scores["random weights"]["stage_2"]["colour"]) <= 0.2, scores
+
+
+def test_unknown_words_are_named_and_warned_about(tmp_path, capsys):
+    assert unknown_words("A red Kangaroo, on a blue background!") == ["kangaroo"]
+    assert main(["generate", "a red kangaroo", "-o", str(tmp_path / "k.png"), "--steps", "3", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "['kangaroo'] are unknown" in err and "circle" in err
+    assert (tmp_path / "k.png").is_file()
+
+
+def test_a_missing_bundled_model_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(demo_cascade, "BUNDLED_MODEL_FOLDER", "no_such_folder")
+    with pytest.raises(FileNotFoundError, match="bundled demo model is missing.*reinstall"):
+        bundled_model_path()
+
+
+def test_wheel_ships_the_demo_model_and_the_model_cards(tmp_path):
+    """`pip wheel .` (what `pip install .` installs) holds every file of the bundled model and the cards."""
+    command = [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w",
+               str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("if_diffusers-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    bundled = bundled_model_path()
+    expected = {
+        f"if_diffusers/demo_model/{p.relative_to(bundled).as_posix()}" for p in bundled.rglob("*") if p.is_file()
+    }
+    assert expected and expected <= names, sorted(expected - names)
+    assert f"if_diffusers/conversion/model_cards/{demo_cascade.MODEL_CARD}" in names
