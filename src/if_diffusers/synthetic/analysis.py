@@ -1,7 +1,7 @@
 """A deterministic analyser of one-shape images: which colour, which shape, where. numpy only.
 
-`analyse` reads an image the way `shapes.render` draws one, and must also read the noisy, blurry 64x64 outputs of a
-small diffusion model, so every step is a robust statistic rather than an exact match:
+`analyse` reads an image the way `shapes.render` draws one, and must also read the noisy, blurry 32x32 and 128x128
+outputs of a small diffusion model, so every step is a robust statistic rather than an exact match:
 
 1. Work at 64x64 (box-downsampled), floats in [0, 1].
 2. Background: medians of the four border strips. Opposite strips that disagree mean a two-tone background split
@@ -33,7 +33,8 @@ SPLIT_DISTANCE = 0.2  # RGB distance between opposite border medians above which
 SPLIT_BAND = 2  # px either side of a split where background pixels may mix the two colours
 FOREGROUND_DISTANCE = 0.15  # RGB distance from the background (palette neighbours are >= 0.32 apart)
 ACHROMATIC_CHROMA = 0.2  # max - min of RGB below which a colour is judged white/black by its value
-# (fill ratio, solidity) of each shape, measured on clean 64px renderings (median over both sizes).
+# (fill ratio, solidity) of each shape, measured on clean 64px renderings (median over both sizes) when the sizes were
+# 0.09 / 0.145; at today's `shapes.SIZES` the medians are within 0.02 of these.
 SHAPE_PROTOTYPES: dict[str, tuple[float, float]] = {
     "circle": (0.78, 0.935),
     "square": (1.0, 1.0),
