@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage-2-steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    # Off by default: the defaults reproduce the bundled model. See the model card for a run with all three on.
+    parser.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR weighting (TrainingConfig.snr_gamma)")
+    parser.add_argument("--noise-offset", type=float, default=0.0, help="offset noise (TrainingConfig.noise_offset)")
+    parser.add_argument("--timestep-bias", type=float, nargs=2, default=(0.0, 1.0), metavar=("PORTION", "MULTIPLIER"),
+                        help="draw the noisiest PORTION of the steps MULTIPLIER times as often")  # fmt: skip
     parser.add_argument("--evaluation-count", type=int, default=64, help="held-out captions to score (>= 64)")
     parser.add_argument("--evaluate-only", action="store_true", help="score OUTPUT/cascade without training")
     parser.add_argument("--resume", action="store_true", help="resume each stage from its last checkpoint")
@@ -83,6 +88,8 @@ def train_stage(stage: str, steps: int, output: Path, tokenizer, text_encoder, a
     config = TrainingConfig(
         stage=stage, output_dir=str(output / f"stage_{stage}"), resolution=resolution,
         train_batch_size=args.batch_size, max_train_steps=steps, learning_rate=args.learning_rate,
+        snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, timestep_bias_portion=args.timestep_bias[0],
+        timestep_bias_multiplier=args.timestep_bias[1],
         lr_warmup_steps=min(100, steps // 10), ema_decay=0.999, checkpointing_steps=max(100, steps // 10),
         seed=DEMO_SEED, embedding_cache_dir=output / "embeddings",  # stage II's captions are among stage I's
         resume_from_checkpoint="latest" if args.resume else None,

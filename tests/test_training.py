@@ -18,7 +18,7 @@ from if_diffusers.scheduling import denoising_scheduler, noising_scheduler
 from if_diffusers.synthetic.shapes import ShapesDataset
 from if_diffusers.training import CaptionedImageFolder, TrainingConfig, diffusion_loss, embed_captions, train
 from if_diffusers.training.command_line import main as train_main
-from if_diffusers.training.losses import diffusion_schedule
+from if_diffusers.training.losses import diffusion_schedule, hybrid_loss, min_snr_weights, q_sample, sample_timesteps
 from if_diffusers.training.trainer import step_generator
 
 CAPTIONS = ["a red circle", "a green square", "a yellow triangle"]
@@ -109,6 +109,43 @@ def test_loss_decreases_on_a_fixed_batch(tiny_text, tmp_path, stage):
     train(config, unet, tokenizer, text_encoder, dataset)
     after = measured()
     assert after < 0.5 * before, (before, after)  # measured: 1.88 -> 0.54 (I), 1.83 -> 0.37 (II)
+
+
+def test_snr_gamma_and_noise_offset_change_only_their_parts_of_the_loss(tiny_text):
+    """`diffusion_loss(snr_gamma=5)` is the hybrid loss's epsilon term times `min_snr_weights` plus its variance term
+    unchanged; `noise_offset=0.1` trains on noise plus `0.1 * N(0, 1)` per sample and channel, drawn after the
+    noise; `timestep_bias` draws its steps with `sample_timesteps`' bias. Each is checked against the loss
+    recomputed here step by step from the same draws."""
+    tokenizer, text_encoder = tiny_text
+    unet = tiny_unet("I").eval()
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    text = embed_captions(["a red circle"], tokenizer, text_encoder)["a red circle"].expand(6, -1, -1)
+    schedule = diffusion_schedule(denoising_scheduler("I"))
+
+    def recomputed(offset: float, bias: tuple[float, float] = (0.0, 1.0)):
+        generator = torch.Generator().manual_seed(3)
+        steps = sample_timesteps(6, generator, 1000, *bias)
+        noise = torch.randn(images.shape, generator=generator)
+        if offset:
+            noise = noise + offset * torch.randn(6, 3, 1, 1, generator=generator)
+        output = unet(q_sample(images, noise, steps, schedule), steps, encoder_hidden_states=text).sample
+        return steps, hybrid_loss(output, images, noise, steps, schedule)[1]
+
+    def loss(**options):
+        return diffusion_loss(unet, images, text, torch.Generator().manual_seed(3), schedule, **options)
+
+    with torch.no_grad():
+        steps, terms = recomputed(0.0)
+        _, offset_terms = recomputed(0.1)
+        biased_steps, biased_terms = recomputed(0.0, (0.5, 50.0))
+        torch.testing.assert_close(loss(), terms["mse"] + terms["vb"])
+        weights = min_snr_weights(steps, schedule, 5.0)
+        torch.testing.assert_close(loss(snr_gamma=5.0), terms["mse"] * weights + terms["vb"])
+        torch.testing.assert_close(loss(noise_offset=0.1), offset_terms["mse"] + offset_terms["vb"])
+        torch.testing.assert_close(loss(timestep_bias=(0.5, 50.0)), biased_terms["mse"] + biased_terms["vb"])
+    assert (biased_steps >= 500).sum() >= 5, biased_steps  # 50:1 odds for the noisier half: all but rarely one
+    assert (weights < 1).any(), steps  # the draw includes nearly clean steps, so the weighted loss differs there
+    assert not torch.allclose(offset_terms["mse"], terms["mse"])
 
 
 # --- exact resume -----------------------------------------------------------------------------------------------
@@ -308,7 +345,9 @@ def test_bad_run_inputs_raise_before_any_step(tiny_text, tmp_path):
         train(_config(tmp_path, "other", resume_from_checkpoint=tmp_path), unet, tokenizer, text_encoder, Pairs(3))
     assert unet_calls == [] and text_calls == [] and (tmp_path / "run" / "notes.txt").read_text() == "keep me"
     for field, value in [("stage", "III"), ("text_dropout", 1.5), ("train_batch_size", 0), ("lora_rank", 0),
-                         ("mixed_precision", "fp8"), ("ema_decay", 1.0), ("validation_steps", 2)]:  # fmt: skip
+                         ("mixed_precision", "fp8"), ("ema_decay", 1.0), ("validation_steps", 2),
+                         ("snr_gamma", 0.0), ("noise_offset", -0.1), ("timestep_bias_portion", 2.0),
+                         ("timestep_bias_multiplier", 0.0)]:  # fmt: skip
         with pytest.raises(ValueError, match=f"^{field}="):
             _config(tmp_path, **{field: value})
 

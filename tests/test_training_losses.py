@@ -20,6 +20,7 @@ from if_diffusers.training import (
     diffusion_schedule,
     downsample,
     hybrid_loss,
+    min_snr_weights,
     q_sample,
     sample_timesteps,
     super_resolution_inputs,
@@ -202,6 +203,23 @@ def test_sample_timesteps_is_uniform_and_reproducible():
     assert ((counts - 2000).abs() < 200).all(), counts  # binomial sd ~42: 200 is ~5 sd
 
 
+def test_sample_timesteps_bias_draws_the_noisiest_steps_more_often():
+    """Portion 0.2 and multiplier 4 over 10 steps: steps 8 and 9 each drawn with probability 4/16, the others 1/16;
+    portion 0 or multiplier 1 keeps the uniform draws bit for bit; bad settings raise naming the argument."""
+    draw = sample_timesteps(32_000, torch.Generator().manual_seed(3), 10, bias_portion=0.2, bias_multiplier=4.0)
+    counts = torch.bincount(draw, minlength=10).double()
+    expected = torch.tensor([2000.0] * 8 + [8000.0] * 2, dtype=torch.float64)
+    assert ((counts - expected).abs() < 5 * expected.sqrt()).all(), counts  # ~5 binomial sd
+    uniform = sample_timesteps(500, torch.Generator().manual_seed(4), 10)
+    for portion, multiplier in ((0.0, 4.0), (0.2, 1.0)):
+        same = sample_timesteps(500, torch.Generator().manual_seed(4), 10, portion, multiplier)
+        assert torch.equal(same, uniform)
+    for name, portion, multiplier in (("bias_portion", 1.5, 4.0), ("bias_portion", -0.1, 4.0),
+                                      ("bias_multiplier", 0.2, 0.0), ("bias_multiplier", 0.2, True)):  # fmt: skip
+        with pytest.raises(ValueError, match=f"^{name}="):
+            sample_timesteps(4, torch.Generator(), 10, portion, multiplier)
+
+
 def _original_degradation(original, target, levels, noise):
     """Bicubic antialiased down x4, bilinear (align_corners) up, then the original's `q_sample`: what
     `SuperResUNetModel.forward(low_res=...)` does with its `low_res_diffusion` (a 1000-step cosine diffusion)."""
@@ -265,3 +283,20 @@ def test_super_resolution_inputs_reject_bad_inputs():
         super_resolution_inputs(torch.zeros(2, 3, 10, 10), alphas_cumprod, torch.Generator())
     with pytest.raises(TypeError, match="generator"):
         super_resolution_inputs(torch.zeros(2, 3, 8, 8), alphas_cumprod)
+
+
+def test_min_snr_weights_clamp_the_signal_to_noise_ratio_at_gamma(schedule):
+    """`min(SNR, gamma) / SNR` from the cosine schedule, computed here in float64 from alpha_bar: 1 for the noisy steps
+    (SNR <= gamma), `gamma / SNR` < 1 for the nearly clean ones, falling as the noise falls."""
+    steps = torch.arange(1000)
+    weights = min_snr_weights(steps, schedule, 5.0)
+    alpha_bar = schedule.alphas_cumprod.double()
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = torch.where(snr <= 5.0, torch.ones_like(snr), 5.0 / snr)
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-6, atol=0)
+    noisy, clean = snr <= 5.0, snr > 5.0
+    assert noisy.any() and clean.any() and (weights[noisy] == 1).all() and (weights[clean] < 1).all()
+    assert (weights[clean].diff() >= 0).all()  # clean steps come first: weights rise towards 1 with t
+    for gamma in (0, -1.0, True, "5"):
+        with pytest.raises(ValueError, match="^gamma="):
+            min_snr_weights(steps, schedule, gamma)

@@ -21,7 +21,9 @@ _DEFAULTS = {f.name: f.default for f in fields(TrainingConfig) if f.default is n
 _NUMBERS = {"train_batch_size": int, "max_train_steps": int, "learning_rate": float,
             "gradient_accumulation_steps": int, "checkpointing_steps": int, "validation_steps": int, "seed": int,
             "text_dropout": float, "lora_rank": int, "max_sequence_length": int, "dataloader_num_workers": int,
-            "lr_warmup_steps": int, "adam_weight_decay": float, "max_grad_norm": float}  # fmt: skip
+            "lr_warmup_steps": int, "adam_weight_decay": float, "max_grad_norm": float,
+            "snr_gamma": float, "noise_offset": float, "timestep_bias_portion": float,
+            "timestep_bias_multiplier": float}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

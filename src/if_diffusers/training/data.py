@@ -263,7 +263,7 @@ def embed_captions(
     text_encoder,
     max_sequence_length: int = 77,
     cache_dir: str | Path | None = None,
-    batch_size: int = 8,
+    batch_size: int = 64,
 ) -> dict[str, torch.Tensor]:
     """`{caption: (L, D) T5 embedding on the CPU}` for each distinct caption, encoded exactly as the pipelines encode
     prompts at inference (`encode_prompt` with `clean_caption=True`, padded to `max_sequence_length` tokens).

@@ -108,16 +108,49 @@ def diffusion_schedule(scheduler: DDPMScheduler) -> DiffusionSchedule:
     )
 
 
-def sample_timesteps(batch: int, generator: torch.Generator, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """`(batch,)` int64 steps uniform on `[0, num_train_timesteps)`, on the generator's device; the original's
-    `UniformSampler` (whose importance weights are all 1, so none are returned)."""
+def sample_timesteps(
+    batch: int,
+    generator: torch.Generator,
+    num_train_timesteps: int = 1000,
+    bias_portion: float = 0.0,
+    bias_multiplier: float = 1.0,
+) -> torch.Tensor:
+    """`(batch,)` int64 steps on `[0, num_train_timesteps)`, on the generator's device.
+
+    By default uniform: the original's `UniformSampler` (whose importance weights are all 1, so none are returned).
+    With `bias_portion` > 0 and `bias_multiplier` != 1, the noisiest `bias_portion` of the steps are drawn
+    `bias_multiplier` times as often as the others (diffusers' `timestep_bias_strategy="later"`), e.g. portion 0.2
+    and multiplier 4 put half of the draws in the noisiest fifth, where a text-to-image model decides the layout
+    and the colours."""
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch={batch!r}: expected a positive int")
     if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps={num_train_timesteps!r}: expected a positive int")
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator is a {type(generator).__name__}; expected a torch.Generator")
-    return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=generator.device)
+    if isinstance(bias_portion, bool) or not isinstance(bias_portion, (int, float)) or not 0 <= bias_portion <= 1:
+        raise ValueError(f"bias_portion={bias_portion!r}: expected a number in [0, 1]")
+    if isinstance(bias_multiplier, bool) or not isinstance(bias_multiplier, (int, float)) or not bias_multiplier > 0:
+        raise ValueError(f"bias_multiplier={bias_multiplier!r}: expected a positive number")
+    biased = round(bias_portion * num_train_timesteps)
+    if biased == 0 or bias_multiplier == 1:
+        return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=generator.device)
+    weights = torch.ones(num_train_timesteps, device=generator.device)
+    weights[num_train_timesteps - biased :] = bias_multiplier
+    return torch.multinomial(weights, batch, replacement=True, generator=generator)
+
+
+def min_snr_weights(timesteps: torch.Tensor, schedule: DiffusionSchedule, gamma: float) -> torch.Tensor:
+    """`(B,)` float32 Min-SNR-gamma weights of the epsilon loss at `timesteps` (Hang et al. 2023, "Efficient Diffusion
+    Training via Min-SNR Weighting Strategy"; diffusers' training scripts' `--snr_gamma`): `min(SNR, gamma) / SNR`
+    with `SNR = alpha_bar / (1 - alpha_bar)`. Steps noisier than SNR = gamma keep weight 1; the nearly clean ones,
+    whose epsilon error otherwise dominates the gradient, are scaled down, which speeds up learning what the noisy
+    steps decide (layout, colours)."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
+        raise ValueError(f"gamma={gamma!r}: expected a positive number")
+    alphas_cumprod = schedule.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    return (snr.clamp(max=gamma) / snr).float()
 
 
 def _at(values: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,7 @@ from .losses import (
     diffusion_schedule,
     downsample,
     hybrid_loss,
+    min_snr_weights,
     q_sample,
     sample_timesteps,
     super_resolution_inputs,
@@ -95,6 +96,15 @@ class TrainingConfig:
             upscales the first training images, downsampled) to `validation/step-N.png`; None: never.
         seed: seeds the data order, noise, timesteps, augmentation and text dropout.
         text_dropout: probability that a caption is replaced by "" (IF trains the unconditional model this way).
+        snr_gamma: weight the epsilon loss by Min-SNR-gamma (`min_snr_weights`; 5 is the paper's choice), which
+            speeds up training from scratch; None (IF's objective): unweighted.
+        noise_offset: standard deviation of a constant added to the noise per sample and channel ("offset noise",
+            diffusers' training scripts' `--noise_offset`). i.i.d. noise leaves an image's mean colour readable up to
+            the last few steps (its SNR is the pixel count times the pixel's), so a model never learns to take the
+            overall colours from the text; an offset hides them earlier. 0 (IF's objective): none.
+        timestep_bias_portion, timestep_bias_multiplier: draw the noisiest `timestep_bias_portion` of the steps
+            `timestep_bias_multiplier` times as often (`sample_timesteps`; diffusers' "later" timestep bias).
+            0 and 1 (IF's objective): uniform.
         lora_rank: train a LoRA of this rank on `LORA_TARGET_MODULES` instead of all weights; None: full fine-tuning.
         max_sequence_length: T5 tokens per caption (77, as IF was trained).
         embedding_cache_dir: folder caching the T5 embeddings of the captions across runs; None: no cache.
@@ -118,6 +128,10 @@ class TrainingConfig:
     validation_prompts: list[str] = field(default_factory=list)
     seed: int = 0
     text_dropout: float = 0.1
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    timestep_bias_portion: float = 0.0
+    timestep_bias_multiplier: float = 1.0
     lora_rank: int | None = None
     max_sequence_length: int = 77
     embedding_cache_dir: str | Path | None = None
@@ -149,6 +163,11 @@ class TrainingConfig:
         _check_number("text_dropout", self.text_dropout, low=0.0, high=1.0)
         if self.ema_decay is not None:
             _check_number("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
+        _check_number("noise_offset", self.noise_offset, low=0.0)
+        _check_number("timestep_bias_portion", self.timestep_bias_portion, low=0.0, high=1.0)
+        _check_number("timestep_bias_multiplier", self.timestep_bias_multiplier, low=0.0, low_open=True)
+        if self.snr_gamma is not None:
+            _check_number("snr_gamma", self.snr_gamma, low=0.0, low_open=True)
         if self.max_grad_norm is not None:
             _check_number("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
         if self.stage == "II" and self.resolution % SUPER_RESOLUTION_SCALE:
@@ -194,18 +213,32 @@ def diffusion_loss(
     generator: torch.Generator,
     schedule: DiffusionSchedule,
     augmentation_alphas_cumprod: torch.Tensor | None = None,
+    snr_gamma: float | None = None,
+    noise_offset: float = 0.0,
+    timestep_bias: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """`(B,)` hybrid loss of `unet` on `images` `(B, 3, H, W)` in `[-1, 1]` with T5 `text_embeddings` `(B, L, D)`,
     drawing timesteps, noise and (super-resolution, when `augmentation_alphas_cumprod` is given) the low-res
-    augmentation level and noise from `generator`, in that order. The loss is computed in float32."""
-    timesteps = sample_timesteps(images.shape[0], generator, schedule.num_timesteps).to(images.device)
+    augmentation level and noise from `generator`, in that order. The loss is computed in float32. With
+    `snr_gamma`, the epsilon term is weighted by `min_snr_weights` (the variance term is left as it is). With
+    `noise_offset` > 0, the noise gets a constant per sample and channel, `noise_offset * N(0, 1)` (drawn after the
+    noise; see `TrainingConfig.noise_offset`). `timestep_bias` is `(bias_portion, bias_multiplier)` of
+    `sample_timesteps` (default: uniform)."""
+    timesteps = sample_timesteps(images.shape[0], generator, schedule.num_timesteps, *timestep_bias)
+    timesteps = timesteps.to(images.device)
     noise = randn_tensor(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    if noise_offset:
+        offset = randn_tensor((*images.shape[:2], 1, 1), generator=generator, device=images.device, dtype=images.dtype)
+        noise = noise + noise_offset * offset
     model_input, class_labels = q_sample(images, noise, timesteps, schedule), None
     if augmentation_alphas_cumprod is not None:
         low_res, class_labels = super_resolution_inputs(images, augmentation_alphas_cumprod, generator)
         model_input = torch.cat([model_input, low_res], dim=1)  # noisy (B, 3, H, W) + low-res (B, 3, H, W) -> 6
     output = unet(model_input, timesteps, encoder_hidden_states=text_embeddings, class_labels=class_labels).sample
-    return hybrid_loss(output.float(), images, noise, timesteps, schedule)[0]
+    loss, terms = hybrid_loss(output.float(), images, noise, timesteps, schedule)
+    if snr_gamma is None:
+        return loss
+    return terms["mse"] * min_snr_weights(timesteps, schedule, snr_gamma) + terms["vb"]
 
 
 @dataclass
@@ -383,7 +416,9 @@ class _Run:
         text = torch.stack([self.embeddings[c] for c in captions]).to(self.device)
         text = drop_text(text, self.embeddings[""], config.text_dropout, generator)
         with self.accelerator.accumulate(self.model):
-            loss = diffusion_loss(self.model, images, text, generator, self.schedule, self.augmentation).mean()
+            loss = diffusion_loss(self.model, images, text, generator, self.schedule, self.augmentation,
+                                  config.snr_gamma, config.noise_offset,
+                                  (config.timestep_bias_portion, config.timestep_bias_multiplier)).mean()  # fmt: skip
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and config.max_grad_norm is not None:
                 self.accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
