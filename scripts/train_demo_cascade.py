@@ -49,25 +49,38 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="working folder: checkpoints, stages, the cascade")
     parser.add_argument("--stage-1-steps", type=int, default=2000)
-    parser.add_argument("--stage-2-steps", type=int, default=500)
+    parser.add_argument("--stage-2-steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    # Off by default: the defaults reproduce the bundled model. See the model card for a run with all three on.
-    parser.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR weighting (TrainingConfig.snr_gamma)")
-    parser.add_argument("--noise-offset", type=float, default=0.0, help="offset noise (TrainingConfig.noise_offset)")
+    # The defaults reproduce the bundled model: stage I with IF's objective; stage II with Min-SNR 5, offset noise
+    # 0.1 and augmentation levels below 350, without which it learns to ignore its low-res input (see the model card).
+    parser.add_argument(
+        "--snr-gamma", type=float, default=None, help="stage I's Min-SNR gamma (TrainingConfig.snr_gamma)"
+    )
+    parser.add_argument(
+        "--noise-offset", type=float, default=0.0, help="stage I's offset noise (TrainingConfig.noise_offset)"
+    )
     parser.add_argument("--timestep-bias", type=float, nargs=2, default=(0.0, 1.0), metavar=("PORTION", "MULTIPLIER"),
-                        help="draw the noisiest PORTION of the steps MULTIPLIER times as often")  # fmt: skip
+                        help="both stages: draw the noisiest PORTION of the steps MULTIPLIER times as often")  # fmt: skip
+    parser.add_argument("--max-noise-level", type=int, default=350,
+                        help="stage II: cap on the low-res augmentation level (TrainingConfig.max_noise_level; 1000: none)")  # fmt: skip
+    parser.add_argument("--stage-2-snr-gamma", type=float, default=5.0, help="stage II's Min-SNR gamma (0: none)")
+    parser.add_argument("--stage-2-noise-offset", type=float, default=0.1, help="stage II's offset noise")
+    parser.add_argument("--stage-1", type=Path, default=None, metavar="FOLDER",
+                        help="a trained stage-I pipeline folder to use instead of training stage I")  # fmt: skip
     parser.add_argument("--evaluation-count", type=int, default=64, help="held-out captions to score (>= 64)")
     parser.add_argument("--evaluate-only", action="store_true", help="score OUTPUT/cascade without training")
     parser.add_argument("--resume", action="store_true", help="resume each stage from its last checkpoint")
     parser.add_argument("--bundle", action="store_true", help="also write the cascade into the package (demo_model)")
     args = parser.parse_args(argv)
+    if args.stage_1 is not None and not (args.stage_1 / "model_index.json").is_file():
+        parser.error(f"--stage-1 {args.stage_1}: expected a stage-I pipeline folder (no model_index.json there)")
     output = Path(args.output)
     tokenizer = demo_tokenizer()
     text_encoder = demo_text_encoder(len(tokenizer))
     if not args.evaluate_only:
-        stages = [train_stage(stage, steps, output, tokenizer, text_encoder, args)
-                  for stage, steps in (("I", args.stage_1_steps), ("II", args.stage_2_steps))]  # fmt: skip
+        first = args.stage_1 or train_stage("I", args.stage_1_steps, output, tokenizer, text_encoder, args)
+        stages = [first, train_stage("II", args.stage_2_steps, output, tokenizer, text_encoder, args)]
         cascade = IFCascadePipeline.from_stages(IFPipeline.from_pretrained(stages[0]),
                                                 IFSuperResolutionPipeline.from_pretrained(stages[1]))  # fmt: skip
         cascade.to(torch.float16).save_pretrained(output / "cascade")
@@ -85,11 +98,14 @@ def main(argv: list[str] | None = None) -> int:
 def train_stage(stage: str, steps: int, output: Path, tokenizer, text_encoder, args) -> Path:
     """Train the demo's stage `stage` UNet for `steps` steps; returns its pipeline folder."""
     resolution = STAGE_1_SIZE if stage == "I" else SUPER_RESOLUTION_CROP
+    snr_gamma, noise_offset = args.snr_gamma, args.noise_offset
+    if stage == "II":
+        snr_gamma, noise_offset = (args.stage_2_snr_gamma or None), args.stage_2_noise_offset
     config = TrainingConfig(
         stage=stage, output_dir=str(output / f"stage_{stage}"), resolution=resolution,
         train_batch_size=args.batch_size, max_train_steps=steps, learning_rate=args.learning_rate,
-        snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, timestep_bias_portion=args.timestep_bias[0],
-        timestep_bias_multiplier=args.timestep_bias[1],
+        snr_gamma=snr_gamma, noise_offset=noise_offset, timestep_bias_portion=args.timestep_bias[0],
+        timestep_bias_multiplier=args.timestep_bias[1], max_noise_level=args.max_noise_level if stage == "II" else None,
         lr_warmup_steps=min(100, steps // 10), ema_decay=0.999, checkpointing_steps=max(100, steps // 10),
         seed=DEMO_SEED, embedding_cache_dir=output / "embeddings",  # stage II's captions are among stage I's
         resume_from_checkpoint="latest" if args.resume else None,

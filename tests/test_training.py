@@ -18,7 +18,14 @@ from if_diffusers.scheduling import denoising_scheduler, noising_scheduler
 from if_diffusers.synthetic.shapes import ShapesDataset
 from if_diffusers.training import CaptionedImageFolder, TrainingConfig, diffusion_loss, embed_captions, train
 from if_diffusers.training.command_line import main as train_main
-from if_diffusers.training.losses import diffusion_schedule, hybrid_loss, min_snr_weights, q_sample, sample_timesteps
+from if_diffusers.training.losses import (
+    diffusion_schedule,
+    hybrid_loss,
+    min_snr_weights,
+    q_sample,
+    sample_timesteps,
+    super_resolution_inputs,
+)
 from if_diffusers.training.trainer import step_generator
 
 CAPTIONS = ["a red circle", "a green square", "a yellow triangle"]
@@ -146,6 +153,26 @@ def test_snr_gamma_and_noise_offset_change_only_their_parts_of_the_loss(tiny_tex
     assert (biased_steps >= 500).sum() >= 5, biased_steps  # 50:1 odds for the noisier half: all but rarely one
     assert (weights < 1).any(), steps  # the draw includes nearly clean steps, so the weighted loss differs there
     assert not torch.allclose(offset_terms["mse"], terms["mse"])
+
+
+def test_max_noise_level_caps_the_augmentation_the_unet_sees(tiny_text):
+    """Stage II with `max_noise_level=300`: the UNet's `class_labels` (augmentation levels) stay below 300 and equal
+    `super_resolution_inputs`' capped draws from the same generator state; without the cap they range the whole
+    schedule."""
+    tokenizer, text_encoder = tiny_text
+    unet = tiny_unet("II").eval()
+    seen = []
+    unet.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["class_labels"]), with_kwargs=True)
+    images = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    text = embed_captions(["a red circle"], tokenizer, text_encoder)["a red circle"].expand(64, -1, -1)
+    schedule, alphas = diffusion_schedule(denoising_scheduler("II")), noising_scheduler().alphas_cumprod
+    with torch.no_grad():
+        for cap in (300, None):
+            diffusion_loss(unet, images, text, torch.Generator().manual_seed(3), schedule, alphas, max_noise_level=cap)
+    replay = torch.Generator().manual_seed(3)
+    sample_timesteps(64, replay, 1000), torch.randn(images.shape, generator=replay)  # the steps, the noise
+    assert torch.equal(seen[0], super_resolution_inputs(images, alphas, replay, max_noise_level=300)[1])
+    assert seen[0].max() < 300 and seen[1].max() >= 300, (seen[0].max(), seen[1].max())
 
 
 # --- exact resume -----------------------------------------------------------------------------------------------
@@ -343,11 +370,17 @@ def test_bad_run_inputs_raise_before_any_step(tiny_text, tmp_path):
         train(_config(tmp_path, "other"), tiny_unet("II"), tokenizer, text_encoder, Pairs(3))
     with pytest.raises(ValueError, match="resume_from_checkpoint=.* is not a checkpoint folder"):
         train(_config(tmp_path, "other", resume_from_checkpoint=tmp_path), unet, tokenizer, text_encoder, Pairs(3))
+    super_resolution = tiny_unet("II")
+    super_resolution_calls = _count_calls(super_resolution)
+    with pytest.raises(ValueError, match="^max_noise_level=1001: the unet's augmentation schedule has only 1000"):
+        train(_config(tmp_path, "other", stage="II", resolution=32, max_noise_level=1001), super_resolution,
+              tokenizer, text_encoder, ShapesDataset(2, seed=0, size=32))  # fmt: skip
+    assert super_resolution_calls == []
     assert unet_calls == [] and text_calls == [] and (tmp_path / "run" / "notes.txt").read_text() == "keep me"
     for field, value in [("stage", "III"), ("text_dropout", 1.5), ("train_batch_size", 0), ("lora_rank", 0),
                          ("mixed_precision", "fp8"), ("ema_decay", 1.0), ("validation_steps", 2),
                          ("snr_gamma", 0.0), ("noise_offset", -0.1), ("timestep_bias_portion", 2.0),
-                         ("timestep_bias_multiplier", 0.0)]:  # fmt: skip
+                         ("timestep_bias_multiplier", 0.0), ("max_noise_level", 0), ("max_noise_level", 350)]:  # fmt: skip
         with pytest.raises(ValueError, match=f"^{field}="):
             _config(tmp_path, **{field: value})
 

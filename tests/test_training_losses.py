@@ -272,6 +272,25 @@ def test_super_resolution_inputs_feed_the_unet_as_its_low_res_path():
     assert levels[0] != levels[1]  # one level per sample
 
 
+def test_super_resolution_inputs_cap_the_augmentation_level():
+    """`max_noise_level=350` draws levels on `[0, 350)` (the Stable Diffusion x4 upscaler's training range) from the
+    same generator calls; the full length gives the uncapped draws bit for bit; bad caps raise naming the argument."""
+    alphas_cumprod = noising_scheduler().alphas_cumprod
+    target = torch.rand(2000, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    _, capped = super_resolution_inputs(target, alphas_cumprod, torch.Generator().manual_seed(1), max_noise_level=350)
+    assert capped.min() == 0 and capped.max() == 349, (capped.min(), capped.max())
+    assert (capped < 175).float().mean().sub(0.5).abs() < 0.05  # uniform: half below the middle (sd 0.011)
+    uncapped = super_resolution_inputs(target[:4], alphas_cumprod, torch.Generator().manual_seed(2))
+    full = super_resolution_inputs(target[:4], alphas_cumprod, torch.Generator().manual_seed(2), max_noise_level=1000)
+    assert all(torch.equal(a, b) for a, b in zip(uncapped, full))
+    for cap in (0, 1001, 350.0, True):
+        with pytest.raises(ValueError, match=f"^max_noise_level={cap!r}"):
+            super_resolution_inputs(target[:2], alphas_cumprod, torch.Generator(), max_noise_level=cap)
+    with pytest.raises(ValueError, match="max_noise_level applies to drawn levels"):
+        super_resolution_inputs(target[:2], alphas_cumprod, torch.Generator(), noise_level=torch.tensor([0, 1]),
+                                max_noise_level=350)  # fmt: skip
+
+
 def test_super_resolution_inputs_reject_bad_inputs():
     alphas_cumprod = noising_scheduler().alphas_cumprod
     with pytest.raises(ValueError, match="noise_level"):

@@ -338,6 +338,7 @@ def super_resolution_inputs(
     scale: int = 4,
     noise_level: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    max_noise_level: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The low-res conditioning of a super-resolution training step: `target` downsampled by `scale`, upsampled back
     bilinearly with `align_corners=True` and diffused to a uniform random level per sample; as the original
@@ -349,6 +350,8 @@ def super_resolution_inputs(
             `noise_augmentation_alphas_cumprod`).
         generator: draws `noise_level` then `noise`, whichever is not given.
         noise_level: `(B,)` integer levels in `[0, N)`; noise: `(B, 3, H, W)` standard normal.
+        max_noise_level: draw `noise_level` on `[0, max_noise_level)` (at most N) instead of `[0, N)`, as the Stable
+            Diffusion x4 upscaler trains; None: the original's whole range (the same draws as before the option).
     Returns: the augmented upsampled image `(B, 3, H, W)` (the UNet's channels 3:6, as
         `IFSuperResUNet2DConditionModel(low_res_image=downsample(target), ...)` builds them) and `noise_level` `(B,)`
         (its `class_labels`).
@@ -357,8 +360,14 @@ def super_resolution_inputs(
     if (noise_level is None or noise is None) and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator is {generator!r}; expected a torch.Generator to draw noise_level and noise")
     batch = target.shape[0]
+    levels = alphas_cumprod.shape[0]
+    if max_noise_level is not None:
+        if type(max_noise_level) is not int or not 1 <= max_noise_level <= levels:
+            raise ValueError(f"max_noise_level={max_noise_level!r}: expected an int in [1, {levels}]")
+        if noise_level is not None:
+            raise ValueError("max_noise_level applies to drawn levels; got noise_level as well")
     if noise_level is None:
-        noise_level = sample_timesteps(batch, generator, alphas_cumprod.shape[0]).to(target.device)
+        noise_level = sample_timesteps(batch, generator, max_noise_level or levels).to(target.device)
     _check_steps("noise_level", noise_level, batch, alphas_cumprod.shape[0])
     if noise is None:
         noise = randn_tensor(target.shape, generator=generator, device=target.device, dtype=target.dtype)

@@ -105,6 +105,11 @@ class TrainingConfig:
         timestep_bias_portion, timestep_bias_multiplier: draw the noisiest `timestep_bias_portion` of the steps
             `timestep_bias_multiplier` times as often (`sample_timesteps`; diffusers' "later" timestep bias).
             0 and 1 (IF's objective): uniform.
+        max_noise_level: stage II only: draw the low-res augmentation level uniformly on `[0, max_noise_level)`
+            rather than on the whole augmentation schedule, as the Stable Diffusion x4 upscaler trains (350; IF's
+            stage III in practice). A small super-resolution UNet trained on the whole range learns to ignore its
+            low-res input early on (half of the draws leave it mostly noise); sampling uses levels well inside the
+            cap (IF's stage II default is 250). None (IF's objective): the whole schedule.
         lora_rank: train a LoRA of this rank on `LORA_TARGET_MODULES` instead of all weights; None: full fine-tuning.
         max_sequence_length: T5 tokens per caption (77, as IF was trained).
         embedding_cache_dir: folder caching the T5 embeddings of the captions across runs; None: no cache.
@@ -132,6 +137,7 @@ class TrainingConfig:
     noise_offset: float = 0.0
     timestep_bias_portion: float = 0.0
     timestep_bias_multiplier: float = 1.0
+    max_noise_level: int | None = None
     lora_rank: int | None = None
     max_sequence_length: int = 77
     embedding_cache_dir: str | Path | None = None
@@ -149,7 +155,7 @@ class TrainingConfig:
             raise ValueError(f"mixed_precision={self.mixed_precision!r}: expected one of {MIXED_PRECISION}")
         positive = ["resolution", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
                     "checkpointing_steps", "max_sequence_length"]  # fmt: skip
-        for name in positive + ["validation_steps", "lora_rank"]:
+        for name in positive + ["validation_steps", "lora_rank", "max_noise_level"]:
             value = getattr(self, name)
             if (value is not None or name in positive) and (type(value) is not int or value < 1):
                 raise ValueError(
@@ -170,6 +176,8 @@ class TrainingConfig:
             _check_number("snr_gamma", self.snr_gamma, low=0.0, low_open=True)
         if self.max_grad_norm is not None:
             _check_number("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+        if self.stage != "II" and self.max_noise_level is not None:
+            raise ValueError(f"max_noise_level={self.max_noise_level}: only stage II augments a low-res input")
         if self.stage == "II" and self.resolution % SUPER_RESOLUTION_SCALE:
             raise ValueError(f"resolution={self.resolution}: stage II needs a multiple of {SUPER_RESOLUTION_SCALE}")
         if not isinstance(self.validation_prompts, list) or not all(
@@ -216,6 +224,7 @@ def diffusion_loss(
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
     timestep_bias: tuple[float, float] = (0.0, 1.0),
+    max_noise_level: int | None = None,
 ) -> torch.Tensor:
     """`(B,)` hybrid loss of `unet` on `images` `(B, 3, H, W)` in `[-1, 1]` with T5 `text_embeddings` `(B, L, D)`,
     drawing timesteps, noise and (super-resolution, when `augmentation_alphas_cumprod` is given) the low-res
@@ -223,7 +232,8 @@ def diffusion_loss(
     `snr_gamma`, the epsilon term is weighted by `min_snr_weights` (the variance term is left as it is). With
     `noise_offset` > 0, the noise gets a constant per sample and channel, `noise_offset * N(0, 1)` (drawn after the
     noise; see `TrainingConfig.noise_offset`). `timestep_bias` is `(bias_portion, bias_multiplier)` of
-    `sample_timesteps` (default: uniform)."""
+    `sample_timesteps` (default: uniform). `max_noise_level` caps the augmentation level (`super_resolution_inputs`;
+    default: the whole schedule)."""
     timesteps = sample_timesteps(images.shape[0], generator, schedule.num_timesteps, *timestep_bias)
     timesteps = timesteps.to(images.device)
     noise = randn_tensor(images.shape, generator=generator, device=images.device, dtype=images.dtype)
@@ -232,7 +242,8 @@ def diffusion_loss(
         noise = noise + noise_offset * offset
     model_input, class_labels = q_sample(images, noise, timesteps, schedule), None
     if augmentation_alphas_cumprod is not None:
-        low_res, class_labels = super_resolution_inputs(images, augmentation_alphas_cumprod, generator)
+        low_res, class_labels = super_resolution_inputs(images, augmentation_alphas_cumprod, generator,
+                                                        max_noise_level=max_noise_level)  # fmt: skip
         model_input = torch.cat([model_input, low_res], dim=1)  # noisy (B, 3, H, W) + low-res (B, 3, H, W) -> 6
     output = unet(model_input, timesteps, encoder_hidden_states=text_embeddings, class_labels=class_labels).sample
     loss, terms = hybrid_loss(output.float(), images, noise, timesteps, schedule)
@@ -273,6 +284,12 @@ def find_checkpoint(config: TrainingConfig) -> Path | None:
     return found[-1][1] if found else None
 
 
+def augmentation_schedule(unet) -> torch.Tensor:
+    """`(N,)` alphas_cumprod of a super-resolution UNet's low-res noise augmentation: its own, or IF's default."""
+    alphas = getattr(unet, "noise_augmentation_alphas_cumprod", None)
+    return alphas if alphas is not None else noising_scheduler().alphas_cumprod
+
+
 def _check_inputs(config: TrainingConfig, unet, dataset, checkpoint: Path | None) -> None:
     """The UNet suits the stage and resolution, the dataset is non-empty and the output folder usable."""
     expected = 6 if config.stage == "II" else 3
@@ -288,6 +305,11 @@ def _check_inputs(config: TrainingConfig, unet, dataset, checkpoint: Path | None
     dtypes = {p.dtype for p in unet.parameters()}
     if dtypes != {torch.float32}:
         raise ValueError(f"unet has dtypes {dtypes}; expected float32 weights (use mixed_precision for fp16/bf16)")
+    if config.max_noise_level is not None and config.max_noise_level > len(augmentation_schedule(unet)):
+        raise ValueError(
+            f"max_noise_level={config.max_noise_level}: the unet's augmentation schedule has only "
+            f"{len(augmentation_schedule(unet))} levels"
+        )
     if len(dataset) < 1:
         raise ValueError("dataset is empty; expected at least one (image, caption)")
     to_training_tensor(image_and_caption(dataset[0], 0)[0], config.resolution, 0)
@@ -342,8 +364,7 @@ class _Run:
         self.schedule = schedule.to(device)
         self.augmentation = None
         if config.stage == "II":
-            alphas = getattr(unet, "noise_augmentation_alphas_cumprod", None)
-            self.augmentation = (alphas if alphas is not None else noising_scheduler().alphas_cumprod).to(device)
+            self.augmentation = augmentation_schedule(unet).to(device)
         self.unet = unet.to(device)
         self.lora_config = self._add_lora() if config.lora_rank is not None else None
         self.params = [p for p in unet.parameters() if p.requires_grad]
@@ -418,7 +439,8 @@ class _Run:
         with self.accelerator.accumulate(self.model):
             loss = diffusion_loss(self.model, images, text, generator, self.schedule, self.augmentation,
                                   config.snr_gamma, config.noise_offset,
-                                  (config.timestep_bias_portion, config.timestep_bias_multiplier)).mean()  # fmt: skip
+                                  (config.timestep_bias_portion, config.timestep_bias_multiplier),
+                                  config.max_noise_level).mean()  # fmt: skip
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and config.max_grad_norm is not None:
                 self.accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
