@@ -305,10 +305,10 @@ def _check_inputs(config: TrainingConfig, unet, dataset, checkpoint: Path | None
     dtypes = {p.dtype for p in unet.parameters()}
     if dtypes != {torch.float32}:
         raise ValueError(f"unet has dtypes {dtypes}; expected float32 weights (use mixed_precision for fp16/bf16)")
-    if config.max_noise_level is not None and config.max_noise_level > len(augmentation_schedule(unet)):
+    levels = len(augmentation_schedule(unet)) if config.max_noise_level is not None else None
+    if levels is not None and config.max_noise_level > levels:
         raise ValueError(
-            f"max_noise_level={config.max_noise_level}: the unet's augmentation schedule has only "
-            f"{len(augmentation_schedule(unet))} levels"
+            f"max_noise_level={config.max_noise_level}: the unet's augmentation schedule has only {levels} levels"
         )
     if len(dataset) < 1:
         raise ValueError("dataset is empty; expected at least one (image, caption)")
