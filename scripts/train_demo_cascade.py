@@ -98,14 +98,14 @@ def main(argv: list[str] | None = None) -> int:
 def train_stage(stage: str, steps: int, output: Path, tokenizer, text_encoder, args) -> Path:
     """Train the demo's stage `stage` UNet for `steps` steps; returns its pipeline folder."""
     resolution = STAGE_1_SIZE if stage == "I" else SUPER_RESOLUTION_CROP
-    snr_gamma, noise_offset = args.snr_gamma, args.noise_offset
+    options = {"snr_gamma": args.snr_gamma, "noise_offset": args.noise_offset}
     if stage == "II":
-        snr_gamma, noise_offset = (args.stage_2_snr_gamma or None), args.stage_2_noise_offset
+        options = {"snr_gamma": args.stage_2_snr_gamma or None, "noise_offset": args.stage_2_noise_offset,
+                   "max_noise_level": args.max_noise_level}  # fmt: skip
     config = TrainingConfig(
         stage=stage, output_dir=str(output / f"stage_{stage}"), resolution=resolution,
         train_batch_size=args.batch_size, max_train_steps=steps, learning_rate=args.learning_rate,
-        snr_gamma=snr_gamma, noise_offset=noise_offset, timestep_bias_portion=args.timestep_bias[0],
-        timestep_bias_multiplier=args.timestep_bias[1], max_noise_level=args.max_noise_level if stage == "II" else None,
+        timestep_bias_portion=args.timestep_bias[0], timestep_bias_multiplier=args.timestep_bias[1], **options,
         lr_warmup_steps=min(100, steps // 10), ema_decay=0.999, checkpointing_steps=max(100, steps // 10),
         seed=DEMO_SEED, embedding_cache_dir=output / "embeddings",  # stage II's captions are among stage I's
         resume_from_checkpoint="latest" if args.resume else None,

@@ -368,7 +368,7 @@ def super_resolution_inputs(
             raise ValueError("max_noise_level applies to drawn levels; got noise_level as well")
     if noise_level is None:
         noise_level = sample_timesteps(batch, generator, max_noise_level or levels).to(target.device)
-    _check_steps("noise_level", noise_level, batch, alphas_cumprod.shape[0])
+    _check_steps("noise_level", noise_level, batch, levels)
     if noise is None:
         noise = randn_tensor(target.shape, generator=generator, device=target.device, dtype=target.dtype)
     if noise.shape != target.shape:
