@@ -41,6 +41,7 @@ from if_diffusers.demo_cascade import (
 from if_diffusers.scheduling import denoising_scheduler
 from if_diffusers.synthetic.shapes import ShapesDataset
 from if_diffusers.training import TrainingConfig, train
+from if_diffusers.training.trainer import LR_SCHEDULERS, MIXED_PRECISION
 
 PACKAGE_MODEL = Path(__file__).resolve().parents[1] / "src" / "if_diffusers" / BUNDLED_MODEL_FOLDER
 
@@ -48,18 +49,17 @@ PACKAGE_MODEL = Path(__file__).resolve().parents[1] / "src" / "if_diffusers" / B
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="working folder: checkpoints, stages, the cascade")
-    parser.add_argument("--stage-1-steps", type=int, default=2000)
+    parser.add_argument("--stage-1-steps", type=int, default=4000)
     parser.add_argument("--stage-2-steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    # The defaults reproduce the bundled model: stage I with IF's objective; stage II with Min-SNR 5, offset noise
-    # 0.1 and augmentation levels below 350, without which it learns to ignore its low-res input (see the model card).
-    parser.add_argument(
-        "--snr-gamma", type=float, default=None, help="stage I's Min-SNR gamma (TrainingConfig.snr_gamma)"
-    )
-    parser.add_argument(
-        "--noise-offset", type=float, default=0.0, help="stage I's offset noise (TrainingConfig.noise_offset)"
-    )
+    parser.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default="cosine", help="both stages")
+    parser.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="bf16",
+                        help="both stages (bf16: 1.7x faster than float32 on a CPU with AMX or AVX512-BF16)")  # fmt: skip
+    # The defaults reproduce the bundled model: both stages with Min-SNR 5 and offset noise 0.1; stage II with
+    # augmentation levels below 350, without which it learns to ignore its low-res input (see the model card).
+    parser.add_argument("--snr-gamma", type=float, default=5.0, help="stage I's Min-SNR gamma (0: none)")
+    parser.add_argument("--noise-offset", type=float, default=0.1, help="stage I's offset noise")
     parser.add_argument("--timestep-bias", type=float, nargs=2, default=(0.0, 1.0), metavar=("PORTION", "MULTIPLIER"),
                         help="both stages: draw the noisiest PORTION of the steps MULTIPLIER times as often")  # fmt: skip
     parser.add_argument("--max-noise-level", type=int, default=350,
@@ -98,13 +98,14 @@ def main(argv: list[str] | None = None) -> int:
 def train_stage(stage: str, steps: int, output: Path, tokenizer, text_encoder, args) -> Path:
     """Train the demo's stage `stage` UNet for `steps` steps; returns its pipeline folder."""
     resolution = STAGE_1_SIZE if stage == "I" else SUPER_RESOLUTION_CROP
-    options = {"snr_gamma": args.snr_gamma, "noise_offset": args.noise_offset}
+    options = {"snr_gamma": args.snr_gamma or None, "noise_offset": args.noise_offset}
     if stage == "II":
         options = {"snr_gamma": args.stage_2_snr_gamma or None, "noise_offset": args.stage_2_noise_offset,
                    "max_noise_level": args.max_noise_level}  # fmt: skip
     config = TrainingConfig(
         stage=stage, output_dir=str(output / f"stage_{stage}"), resolution=resolution,
         train_batch_size=args.batch_size, max_train_steps=steps, learning_rate=args.learning_rate,
+        lr_scheduler=args.lr_scheduler, mixed_precision=args.mixed_precision,
         timestep_bias_portion=args.timestep_bias[0], timestep_bias_multiplier=args.timestep_bias[1], **options,
         lr_warmup_steps=min(100, steps // 10), ema_decay=0.999, checkpointing_steps=max(100, steps // 10),
         seed=DEMO_SEED, embedding_cache_dir=output / "embeddings",  # stage II's captions are among stage I's

@@ -52,13 +52,14 @@ def test_bundled_model_is_a_two_stage_cascade_of_the_plugin_unets_under_25_mb(de
     assert sum(path.stat().st_size for path in files) < 25 * 2**20
 
 
-def test_trained_stage_1_draws_held_out_shapes_and_places_better_than_random_weights(demo):
+def test_trained_stage_1_draws_held_out_colours_shapes_and_places_better_than_random_weights(demo):
     """A small version of scripts/benchmark_demo_cascade.py: 24 held-out captions (shape/colour pairs never seen in
     training), fewer steps (stage II's quality is not asserted: see model_cards/IF-demo-shapes.md, where the full
     benchmark's figures are). Random weights draw no readable colour."""
     scores = benchmark_scores(demo, count=24, batch_size=24, stage_1_timesteps="smart27", stage_2_timesteps=[999, 500])
     trained, random = scores["trained"]["stage_1"], scores["random weights"]["stage_1"]
-    assert trained["shape"] > random["shape"] and trained["position"] > random["position"], scores
+    assert trained["colour"] >= 0.5, scores  # measured 0.71 (shape 0.54, position 0.71)
+    assert trained["shape"] > 2 * random["shape"] and trained["position"] > 5 * random["position"], scores
     assert max(random["colour"], scores["random weights"]["stage_2"]["colour"]) <= 0.2, scores
 
 

@@ -5,6 +5,7 @@ bad inputs fail before any step, and the saved folder loads and runs (also throu
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import PIL.Image
@@ -52,6 +53,11 @@ def _config(tmp_path, name: str = "run", **overrides) -> TrainingConfig:
                     learning_rate=1e-3, gradient_accumulation_steps=2, ema_decay=0.9, checkpointing_steps=2,
                     text_dropout=0.1, seed=3)  # fmt: skip
     return TrainingConfig(**{**settings, **overrides})
+
+
+def _learning_rate(checkpoint) -> float:
+    """The learning rate a checkpoint's LR scheduler had set for the next step."""
+    return torch.load(checkpoint / "scheduler.bin", weights_only=False)["_last_lr"][0]
 
 
 def _count_calls(module: torch.nn.Module, fail_at: int | None = None) -> list[int]:
@@ -177,14 +183,19 @@ def test_max_noise_level_caps_the_augmentation_the_unet_sees(tiny_text):
 
 # --- exact resume -----------------------------------------------------------------------------------------------
 
+# The straight run's LR schedule. Its first two steps' rates do not depend on max_train_steps (warm-up from 0, then
+# the top of the cosine), and a resumed run takes its rates from its own schedule (not the 2-step run's last rate,
+# 0), so a run stopped at step 2 and resumed to 4 is one uninterrupted run.
+DECAYING = {"lr_scheduler": "cosine", "lr_warmup_steps": 1}
+
 
 @pytest.fixture(scope="module")
 def straight_run(tiny_text, tmp_path_factory):
     """Four steps (two micro-steps each, three items: epochs wrap mid-step) straight through, with EMA, checkpoints
-    every two steps and validation at step 4."""
+    every two steps, validation at step 4, one warm-up step and a cosine decay of the learning rate."""
     tokenizer, text_encoder = tiny_text
     root = tmp_path_factory.mktemp("straight")
-    config = _config(root, validation_steps=4, validation_prompts=["a red circle", "a green square"])
+    config = _config(root, validation_steps=4, validation_prompts=["a red circle", "a green square"], **DECAYING)
     folder = train(config, tiny_unet("I"), tokenizer, text_encoder, Pairs(3))
     return config.output_dir, folder
 
@@ -193,10 +204,10 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tiny_text, tmp_path, s
     """Two steps, stop, resume to four: UNet and EMA weights at step 4 equal the straight run's bitwise (validation,
     which the straight run did, changes nothing), and so does the saved UNet."""
     tokenizer, text_encoder = tiny_text
-    train(_config(tmp_path, max_train_steps=2), tiny_unet("I"), tokenizer, text_encoder, Pairs(3))
+    train(_config(tmp_path, max_train_steps=2, **DECAYING), tiny_unet("I"), tokenizer, text_encoder, Pairs(3))
     unet = tiny_unet("I", seed=1)  # the checkpoint replaces every weight
     calls = _count_calls(unet)
-    config = _config(tmp_path, resume_from_checkpoint="latest")
+    config = _config(tmp_path, resume_from_checkpoint="latest", **DECAYING)
     folder = train(config, unet, tokenizer, text_encoder, Pairs(3))
     assert len(calls) == 4  # steps 3 and 4, two micro-steps each
     straight, straight_folder = straight_run
@@ -206,20 +217,32 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tiny_text, tmp_path, s
     assert all(torch.equal(saved[k], expected[k]) for k in expected)
 
 
+def test_learning_rate_warms_up_then_decays_to_zero_at_the_last_step(straight_run, tiny_text, tmp_path):
+    """With one warm-up step and `lr_scheduler="cosine"` over four steps, the rate after step 2 is
+    `1e-3 * (1 + cos(pi / 3)) / 2` and after step 4 zero; "constant" keeps 1e-3 after the warm-up."""
+    checkpoints = straight_run[0] / "checkpoints"
+    assert _learning_rate(checkpoints / "checkpoint-2") == pytest.approx(1e-3 * (1 + math.cos(math.pi / 3)) / 2)
+    assert _learning_rate(checkpoints / "checkpoint-4") == pytest.approx(0.0, abs=1e-12)
+    tokenizer, text_encoder = tiny_text
+    config = _config(tmp_path, max_train_steps=2, gradient_accumulation_steps=1)  # constant, no warm-up
+    train(config, tiny_unet("I"), tokenizer, text_encoder, Pairs(3))
+    assert _learning_rate(config.output_dir / "checkpoints/checkpoint-2") == pytest.approx(1e-3)
+
+
 def test_interrupted_run_resumes_from_its_last_checkpoint(tiny_text, tmp_path, straight_run):
     """A crash during step 3 (after checkpoint-2) leaves checkpoint-2 and no result; resuming "latest" redoes only
     steps 3 and 4 and ends at the straight run's weights."""
     tokenizer, text_encoder = tiny_text
     unet = tiny_unet("I")
     _count_calls(unet, fail_at=6)  # micro-steps 1-4 are steps 1-2; the 6th forward is step 3's second
-    config = _config(tmp_path)
+    config = _config(tmp_path, **DECAYING)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(config, unet, tokenizer, text_encoder, Pairs(3))
     checkpoints = sorted(p.name for p in (config.output_dir / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-2"] and not (config.output_dir / "pipeline").exists()
     unet = tiny_unet("I", seed=1)
     calls = _count_calls(unet)
-    train(_config(tmp_path, resume_from_checkpoint="latest"), unet, tokenizer, text_encoder, Pairs(3))
+    train(_config(tmp_path, resume_from_checkpoint="latest", **DECAYING), unet, tokenizer, text_encoder, Pairs(3))
     assert len(calls) == 4
     _assert_same_state(config.output_dir / "checkpoints/checkpoint-4", straight_run[0] / "checkpoints/checkpoint-4")
 
@@ -378,8 +401,8 @@ def test_bad_run_inputs_raise_before_any_step(tiny_text, tmp_path):
     assert super_resolution_calls == []
     assert unet_calls == [] and text_calls == [] and (tmp_path / "run" / "notes.txt").read_text() == "keep me"
     for field, value in [("stage", "III"), ("text_dropout", 1.5), ("train_batch_size", 0), ("lora_rank", 0),
-                         ("mixed_precision", "fp8"), ("ema_decay", 1.0), ("validation_steps", 2),
-                         ("snr_gamma", 0.0), ("noise_offset", -0.1), ("timestep_bias_portion", 2.0),
+                         ("mixed_precision", "fp8"), ("lr_scheduler", "cosine_with_restarts"), ("ema_decay", 1.0),
+                         ("validation_steps", 2), ("snr_gamma", 0.0), ("noise_offset", -0.1), ("timestep_bias_portion", 2.0),
                          ("timestep_bias_multiplier", 0.0), ("max_noise_level", 0), ("max_noise_level", 350)]:  # fmt: skip
         with pytest.raises(ValueError, match=f"^{field}="):
             _config(tmp_path, **{field: value})
@@ -399,8 +422,11 @@ def test_command_line_fine_tunes_a_saved_pipeline(straight_run, tmp_path, capsys
     assert CaptionedImageFolder(data, 16).captions[0] == "a red circle, large"
     arguments = ["--model", str(straight_run[1]), "--stage", "I", "--train-data", str(data), "--resolution", "16",
                  "--output-dir", str(tmp_path / "out"), "--max-train-steps", "2", "--train-batch-size", "2",
-                 "--no-ema"]  # fmt: skip
+                 "--no-ema", "--lr-scheduler", "linear", "--checkpointing-steps", "1"]  # fmt: skip
     assert train_main(arguments) == 0
     IFPipeline.from_pretrained(tmp_path / "out" / "pipeline")
-    assert train_main([*arguments[:-1], "--resolution", "32"]) == 1
+    checkpoints = tmp_path / "out" / "checkpoints"
+    assert _learning_rate(checkpoints / "checkpoint-1") == pytest.approx(0.5e-5)  # TrainingConfig's 1e-5, halfway
+    assert _learning_rate(checkpoints / "checkpoint-2") == 0.0
+    assert train_main([*arguments, "--resolution", "32"]) == 1
     assert "is 16x16; expected 32x32" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import sys
 from dataclasses import MISSING, fields
 
 from .data import CaptionedImageFolder
-from .trainer import MIXED_PRECISION, STAGES, TrainingConfig, train
+from .trainer import LR_SCHEDULERS, MIXED_PRECISION, STAGES, TrainingConfig, train
 
 DESCRIPTION = "Fine-tune (or LoRA-tune) a stage I or II IF pipeline on captioned images."
 _DEFAULTS = {f.name: f.default for f in fields(TrainingConfig) if f.default is not MISSING}
@@ -49,6 +49,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     for name, kind in _NUMBERS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=_DEFAULTS[name])
     parser.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=_DEFAULTS["mixed_precision"])
+    parser.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default=_DEFAULTS["lr_scheduler"])
     parser.add_argument("--ema-decay", type=float, default=_DEFAULTS["ema_decay"])
     parser.add_argument("--no-ema", action="store_true", help="train without an EMA of the weights")
     parser.add_argument("--validation-prompt", action="append", default=[], dest="validation_prompts")
@@ -64,7 +65,8 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         config = TrainingConfig(
             stage=args.stage, output_dir=args.output_dir, resolution=args.resolution,
-            mixed_precision=args.mixed_precision, ema_decay=None if args.no_ema else args.ema_decay,
+            mixed_precision=args.mixed_precision, lr_scheduler=args.lr_scheduler,
+            ema_decay=None if args.no_ema else args.ema_decay,
             validation_prompts=args.validation_prompts, embedding_cache_dir=args.embedding_cache_dir,
             resume_from_checkpoint=args.resume_from_checkpoint, overwrite_output_dir=args.overwrite_output_dir,
             **{name: getattr(args, name) for name in _NUMBERS},

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
-from diffusers.optimization import get_constant_schedule_with_warmup
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -67,6 +67,8 @@ logger = logging.get_logger(__name__)
 
 STAGES = ("I", "II")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# After the linear warm-up: keep the rate, or bring it to 0 at `max_train_steps` (half a cosine, or a line).
+LR_SCHEDULERS = ("constant", "cosine", "linear")
 SUPER_RESOLUTION_SCALE = 4
 # The attention projections a LoRA adapts: self-attention (to_q/k/v/out) and the text keys/values (add_k/v_proj).
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
@@ -86,8 +88,11 @@ class TrainingConfig:
             rejected, never resized.
         train_batch_size: images per process per micro-step; gradient_accumulation_steps micro-steps per step.
         max_train_steps: optimizer steps in all (a resumed run counts the steps already done).
-        learning_rate, lr_warmup_steps (linear warm-up, then constant), adam_weight_decay (AdamW), max_grad_norm
+        learning_rate, lr_warmup_steps (linear warm-up from 0), adam_weight_decay (AdamW), max_grad_norm
             (gradient clipping; None: none).
+        lr_scheduler: after the warm-up, "constant", or down to 0 at `max_train_steps` along half a "cosine" or a
+            "linear" ramp (diffusers' `get_scheduler`). A short run from scratch ends far better decayed: the last
+            steps average out the noise of a large constant rate.
         mixed_precision: "no", "fp16" or "bf16" (weights stay float32, accelerate autocasts the UNet).
         ema_decay: decay of an exponential moving average of the weights (diffusers' `EMAModel`, with its warm-up
             `(1 + n) / (10 + n)`); the result holds the EMA weights. None: no EMA.
@@ -114,7 +119,8 @@ class TrainingConfig:
         max_sequence_length: T5 tokens per caption (77, as IF was trained).
         embedding_cache_dir: folder caching the T5 embeddings of the captions across runs; None: no cache.
         resume_from_checkpoint: "latest" (the highest `checkpoints/checkpoint-N`, or a fresh start when there is
-            none) or a checkpoint folder.
+            none) or a checkpoint folder. The resumed steps follow this config's `learning_rate`, `lr_scheduler`
+            and `max_train_steps` (extending a decayed run restarts its decay from where the longer schedule is).
         overwrite_output_dir: train into a non-empty `output_dir` (its old checkpoints are deleted first).
         dataloader_num_workers: worker processes loading images.
     """
@@ -145,6 +151,7 @@ class TrainingConfig:
     overwrite_output_dir: bool = False
     dataloader_num_workers: int = 0
     lr_warmup_steps: int = 0
+    lr_scheduler: str = "constant"
     adam_weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
 
@@ -153,6 +160,8 @@ class TrainingConfig:
             raise ValueError(f"stage={self.stage!r}: expected one of {STAGES}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision={self.mixed_precision!r}: expected one of {MIXED_PRECISION}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"lr_scheduler={self.lr_scheduler!r}: expected one of {LR_SCHEDULERS}")
         positive = ["resolution", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
                     "checkpointing_steps", "max_sequence_length"]  # fmt: skip
         for name in positive + ["validation_steps", "lora_rank", "max_noise_level"]:
@@ -369,8 +378,12 @@ class _Run:
         self.lora_config = self._add_lora() if config.lora_rank is not None else None
         self.params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
-        # accelerate steps a prepared LR scheduler once per process per step: warm-up counts those calls
-        lr_scheduler = get_constant_schedule_with_warmup(optimizer, config.lr_warmup_steps * accelerator.num_processes)
+        # accelerate steps a prepared LR scheduler once per process per step: warm-up and decay count those calls
+        lr_scheduler = get_scheduler(
+            config.lr_scheduler if config.lr_scheduler != "constant" else "constant_with_warmup", optimizer,
+            num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=config.max_train_steps * accelerator.num_processes,
+        )  # fmt: skip
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
         self.ema = None
         if config.ema_decay is not None:
@@ -381,9 +394,21 @@ class _Run:
         accelerator.register_for_checkpointing(self.progress)
         if checkpoint is not None:
             accelerator.load_state(str(checkpoint))
+            self._follow_this_runs_schedule()
             if self.ema is not None:
                 self.ema.to(device)  # loaded on the CPU
             logger.info(f"resumed from {checkpoint} at step {self.progress.step}")
+
+    def _follow_this_runs_schedule(self) -> None:
+        """After a resume: the rate of the next step from this run's `learning_rate` and schedule (which may end at a
+        later `max_train_steps` than the run that saved the checkpoint), not the saved run's last rate. Unchanged
+        settings give the saved rate bitwise (the scheduler's own expression)."""
+        scheduler = self.lr_scheduler.scheduler
+        scheduler.base_lrs = [self.config.learning_rate] * len(scheduler.base_lrs)
+        rates = [base * rule(scheduler.last_epoch) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
+        scheduler._last_lr = rates
 
     def _add_lora(self):
         from peft import LoraConfig
