@@ -120,7 +120,7 @@ class TrainingConfig:
         embedding_cache_dir: folder caching the T5 embeddings of the captions across runs; None: no cache.
         resume_from_checkpoint: "latest" (the highest `checkpoints/checkpoint-N`, or a fresh start when there is
             none) or a checkpoint folder. The resumed steps follow this config's `learning_rate`, `lr_scheduler`
-            and `max_train_steps` (extending a decayed run restarts its decay from where the longer schedule is).
+            and `max_train_steps` (a decayed run extended to more steps continues along the longer schedule).
         overwrite_output_dir: train into a non-empty `output_dir` (its old checkpoints are deleted first).
         dataloader_num_workers: worker processes loading images.
     """
