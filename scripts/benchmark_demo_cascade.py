@@ -1,12 +1,14 @@
 """Quality of the bundled demo cascade (or of a trained cascade folder) against the same architecture with random
 weights: the analyser's accuracies on images generated from held-out captions, at stage I (32x32) and after stage II
-(128x128), and the wall time of each.
+(128x128), and the wall time of each; then stage II alone, upsampling clean 32x32 renderings of held-out captions.
 
     python scripts/benchmark_demo_cascade.py                      # the model bundled in the package, 64 captions
     python scripts/benchmark_demo_cascade.py --model demo-cascade/cascade --count 128
 
 Prints JSON: {"trained": {"stage_1": {"colour", "shape", "position", "all"}, "stage_2": {...}, "seconds"},
-"random weights": {...}, "ratios": trained / random for colour and shape at each stage}.
+"random weights": {...}, "ratios": trained / random for colour and shape at each stage, "stage_2_alone": {"trained":
+{"colour", "shape", "position", "all", "mae"}, "random weights": {...}} (`demo_cascade.super_resolution_scores`, 16
+renderings)}.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ import sys
 import torch
 
 from if_diffusers import IFCascadePipeline
-from if_diffusers.demo_cascade import QUALITY_CALL, benchmark_scores, bundled_model_path
+from if_diffusers.demo_cascade import (
+    QUALITY_CALL,
+    benchmark_scores,
+    bundled_model_path,
+    random_weights_like,
+    super_resolution_scores,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                 for key in ("colour", "shape")}
         for stage in ("stage_1", "stage_2")
     }  # fmt: skip
+    scores["stage_2_alone"] = {"trained": super_resolution_scores(cascade),
+                               "random weights": super_resolution_scores(random_weights_like(cascade))}  # fmt: skip
     print(json.dumps({"model": str(folder), "count": args.count, "sampling": QUALITY_CALL, **scores}, indent=2))
     return 0
 

@@ -13,6 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import tiny_unet
+from diffusers import DDPMScheduler
 
 from if_diffusers import IFPipeline
 from if_diffusers.scheduling import denoising_scheduler, noising_scheduler
@@ -94,10 +95,11 @@ def _assert_same_state(folder, reference) -> None:
 # --- the loss falls ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", ["I", "II"])
-def test_loss_decreases_on_a_fixed_batch(tiny_text, tmp_path, stage):
+@pytest.mark.parametrize("stage, prediction_type", [("I", "epsilon"), ("II", "epsilon"), ("II", "v_prediction")])
+def test_loss_decreases_on_a_fixed_batch(tiny_text, tmp_path, stage, prediction_type):
     """Training on two fixed examples lowers the hybrid loss measured on fixed draws (timesteps, noise, and for
-    stage II the augmentation) before and after. Stage II reads `ShapesDataset` `Example` items."""
+    stage II the augmentation) before and after. Stage II reads `ShapesDataset` `Example` items. The scheduler's
+    prediction type is what is learnt, and the saved pipeline's scheduler keeps it."""
     tokenizer, text_encoder = tiny_text
     unet = tiny_unet(stage)
     size = RESOLUTION[stage]
@@ -107,7 +109,8 @@ def test_loss_decreases_on_a_fixed_batch(tiny_text, tmp_path, stage):
                           for im, _ in items])  # fmt: skip
     table = embed_captions([c for _, c in items], tokenizer, text_encoder)
     text = torch.stack([table[c] for _, c in items])
-    schedule = diffusion_schedule(denoising_scheduler(stage))
+    scheduler = denoising_scheduler(stage, prediction_type)
+    schedule = diffusion_schedule(scheduler)
     alphas = noising_scheduler().alphas_cumprod if stage == "II" else None
 
     def measured() -> float:
@@ -119,9 +122,10 @@ def test_loss_decreases_on_a_fixed_batch(tiny_text, tmp_path, stage):
     before = measured()
     config = _config(tmp_path, stage=stage, resolution=size, max_train_steps=20, gradient_accumulation_steps=1,
                      ema_decay=None, text_dropout=0.0, checkpointing_steps=100)  # fmt: skip
-    train(config, unet, tokenizer, text_encoder, dataset)
+    folder = train(config, unet, tokenizer, text_encoder, dataset, scheduler)
     after = measured()
-    assert after < 0.5 * before, (before, after)  # measured: 1.88 -> 0.54 (I), 1.83 -> 0.37 (II)
+    assert after < 0.5 * before, (before, after)  # measured: 1.88 -> 0.54 (I), 1.83 -> 0.37 (II), 1.39 -> 0.48 (II, v)
+    assert DDPMScheduler.from_pretrained(folder / "scheduler").config.prediction_type == prediction_type
 
 
 def test_snr_gamma_and_noise_offset_change_only_their_parts_of_the_loss(tiny_text):

@@ -319,3 +319,48 @@ def test_min_snr_weights_clamp_the_signal_to_noise_ratio_at_gamma(schedule):
     for gamma in (0, -1.0, True, "5"):
         with pytest.raises(ValueError, match="^gamma="):
             min_snr_weights(steps, schedule, gamma)
+
+
+def test_v_prediction_loss_is_the_epsilon_loss_of_the_same_denoiser():
+    """A v-predicting model and the epsilon model it implies (`eps = sqrt(a) v + sqrt(1 - a) x_t`) are one denoiser:
+    the v error is the epsilon error / sqrt(a) per sample, so the v MSE times `a_t` is the epsilon MSE, and the VB
+    term (which reads epsilon, checked against the original above) is the same."""
+    x_start, noise, model = _batch(torch.float64)
+    epsilon = diffusion_schedule(denoising_scheduler("I"))
+    v_schedule = diffusion_schedule(denoising_scheduler("I", "v_prediction"))
+    assert v_schedule.to("cpu").prediction_type == "v_prediction" and epsilon.prediction_type == "epsilon"
+    x_t = q_sample(x_start, noise, STEPS, v_schedule)
+    v_output = model(x_t, STEPS)
+    alpha_bar = epsilon.alphas_cumprod[STEPS].view(-1, 1, 1, 1)
+    as_epsilon = torch.cat([alpha_bar.sqrt() * v_output[:, :3] + (1 - alpha_bar).sqrt() * x_t, v_output[:, 3:]], 1)
+    v_loss, v_terms = hybrid_loss(v_output, x_start, noise, STEPS, v_schedule)
+    eps_loss, eps_terms = hybrid_loss(as_epsilon, x_start, noise, STEPS, epsilon)
+    torch.testing.assert_close(v_terms["mse"] * alpha_bar.flatten(), eps_terms["mse"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(v_terms["vb"], eps_terms["vb"], rtol=1e-9, atol=1e-12)
+    # the v target: the exact v gives zero MSE, and x_0 = sqrt(a) x_t - sqrt(1 - a) v recovers the images
+    exact_v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x_start
+    _, exact = hybrid_loss(torch.cat([exact_v, v_output[:, 3:]], 1), x_start, noise, STEPS, v_schedule)
+    assert exact["mse"].abs().max() < 1e-20
+    torch.testing.assert_close(alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * exact_v, x_start)
+    assert not torch.allclose(v_terms["mse"], eps_terms["mse"])  # the two MSEs do differ: a_t is not 1
+
+
+def test_min_snr_weights_of_v_prediction_weigh_the_same_epsilon_error_alike():
+    """diffusers' v form, `min(SNR, gamma) / (SNR + 1)`: times the v MSE (the epsilon MSE / a_t) it is the epsilon
+    weight times the epsilon MSE, at every step."""
+    steps = torch.arange(1000)
+    epsilon = diffusion_schedule(denoising_scheduler("I"))
+    v_schedule = diffusion_schedule(denoising_scheduler("I", "v_prediction"))
+    alpha_bar = epsilon.alphas_cumprod.double()
+    snr = alpha_bar / (1 - alpha_bar)
+    v_weights = min_snr_weights(steps, v_schedule, 5.0).double()
+    torch.testing.assert_close(v_weights, snr.clamp(max=5.0) / (snr + 1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(v_weights / alpha_bar, min_snr_weights(steps, epsilon, 5.0).double(), rtol=1e-5, atol=0)
+
+
+def test_prediction_types_other_than_epsilon_and_v_are_rejected():
+    with pytest.raises(ValueError, match="prediction_type='sample'"):
+        diffusion_schedule(DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range",
+                                         prediction_type="sample"))  # fmt: skip
+    with pytest.raises(ValueError, match="prediction_type='sample'"):
+        denoising_scheduler("II", "sample")

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .models import IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
 from .models.original_params import OriginalUNetParams
@@ -45,9 +46,13 @@ STAGE_1_PARAMS: dict[str, Any] = {
     "use_scale_shift_norm": True, "resblock_updown": True, "encoder_dim": TEXT_WIDTH, "encoder_channels": 128,
     "activation": "gelu", "att_pool_heads": 2, "disable_self_attentions": False, "precision": "32",
 }  # fmt: skip
+# Stage II's only attention, the middle block's (at 16x16 of 128x128), reads the text alone ("disable_self_attentions"
+# names it by its resolution): trained on crops, its self-attention would see 16 times fewer pixels than at sampling,
+# as Imagen drops self-attention from its crop-trained super-resolution stage.
 STAGE_2_PARAMS: dict[str, Any] = {
     **STAGE_1_PARAMS, "image_size": STAGE_2_SIZE, "in_channels": 6, "channel_mult": "1,1,2,4",
-    "attention_resolutions": "8", "efficient_activation": True, "scale_skip_connection": True,
+    "attention_resolutions": "8", "disable_self_attentions": "16", "efficient_activation": True,
+    "scale_skip_connection": True,
 }  # fmt: skip
 
 
@@ -135,8 +140,10 @@ class SuperResolutionCrops:
     training records, each an `Example` whose caption is its whole image's. The crop's corner is a pure function
     of `(seed, index)` and a multiple of 4, so the crop's x4 downsample is a crop of the downsampled image.
 
-    As Imagen trains its last super-resolution stage: the UNet is convolutional, so it learns from crops at the scale
-    it then upsamples whole images, at a sixteenth of the cost of 128x128 targets.
+    As Imagen trains its last super-resolution stage: the UNet is convolutional (its one attention reads the text
+    only), so it learns from crops at the scale it then upsamples whole images, at a sixteenth of the cost of 128x128
+    targets. `crop=size` gives whole images, which the demo's stage II ends its training on (GroupNorm statistics
+    differ between crops and whole images: `scripts/train_demo_cascade.py`).
     """
 
     def __init__(self, length: int, seed: int = DEMO_SEED, size: int = STAGE_2_SIZE,
@@ -174,6 +181,30 @@ def quality_scores(pipeline, count: int = 64, seed: int = DEMO_SEED, batch_size:
         stage_1 += output.stage_1_images
         stage_2 += output.images
     return {"stage_1": analysis.score(stage_1, records), "stage_2": analysis.score(stage_2, records)}
+
+
+def super_resolution_scores(cascade, count: int = 16, seed: int = DEMO_SEED, **call: Any) -> dict[str, float]:
+    """Stage II alone, as a super-resolution model: it upsamples the clean 32x32 downsamples (PIL bicubic, as
+    training makes them) of `count` held-out captions' 128x128 renderings, and the analyser reads the results.
+    Returns its accuracies (colour, shape, position, all) and "mae", the mean absolute difference from the
+    renderings in `[0, 1]`. `call` goes to the stage's pipeline (default `QUALITY_CALL`'s steps, IF's level 250)."""
+    from .pipelines import IFSuperResolutionPipeline
+
+    records = [shapes.sample_record(i, seed, held_out=True) for i in range(count)]
+    targets = [shapes.render(record, STAGE_2_SIZE) for record in records]
+    low_res = [target.resize((STAGE_1_SIZE, STAGE_1_SIZE), Image.BICUBIC) for target in targets]
+    pipeline = IFSuperResolutionPipeline(
+        tokenizer=cascade.tokenizer, text_encoder=cascade.text_encoder, unet=cascade.stage_2_unet,
+        scheduler=cascade.stage_2_scheduler, image_noising_scheduler=cascade.stage_2_image_noising_scheduler,
+        safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipeline.set_progress_bar_config(disable=True)
+    call = {"timesteps": QUALITY_CALL["stage_2_timesteps"], **call}
+    images = pipeline(image=low_res, prompt=[r.caption for r in records],
+                      generator=torch.Generator().manual_seed(seed), **call).images  # fmt: skip
+    errors = [np.abs(np.asarray(image, np.float32) - np.asarray(target, np.float32)).mean() / 255
+              for image, target in zip(images, targets)]  # fmt: skip
+    return {**analysis.score(images, records), "mae": float(np.mean(errors))}
 
 
 def random_weights_like(cascade):

@@ -12,17 +12,22 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 # (p = 0.95; c = 1.5 at stage I, 1.0 after).
 _SAMPLE_MAX_VALUE = {"I": 1.5, "II": 1.0}
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+# What IF's UNets predict ("epsilon"), or the v of the Stable Diffusion x4 upscaler that `TrainingConfig` can train.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def denoising_scheduler(stage: str) -> DDPMScheduler:
-    """The `scheduler` component of stage `"I"` or `"II"`."""
+def denoising_scheduler(stage: str, prediction_type: str = "epsilon") -> DDPMScheduler:
+    """The `scheduler` component of stage `"I"` or `"II"`; for a UNet that predicts `prediction_type`: IF's
+    "epsilon", or "v_prediction" (trained with `TrainingConfig.prediction_type`)."""
     if stage not in _SAMPLE_MAX_VALUE:
         raise ValueError(f"stage={stage!r}: expected one of {sorted(_SAMPLE_MAX_VALUE)}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}")
     return DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
         variance_type="learned_range",
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         clip_sample=True,
         clip_sample_range=1.0,
         thresholding=True,

@@ -35,6 +35,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..guidance import noise_augment
 from ..pipelines.cascade_inputs import resize
+from ..scheduling import PREDICTION_TYPES
 
 _LOG_2 = math.log(2.0)
 
@@ -51,13 +52,15 @@ class DiffusionSchedule:
     posterior_mean_coef2: torch.Tensor
     sqrt_recip_alphas_cumprod: torch.Tensor
     sqrt_recipm1_alphas_cumprod: torch.Tensor
+    prediction_type: str = "epsilon"  # what the UNet's first half predicts: "epsilon" (IF's) or "v_prediction"
 
     @property
     def num_timesteps(self) -> int:
         return self.betas.shape[0]
 
     def to(self, device: torch.device | str) -> DiffusionSchedule:
-        return DiffusionSchedule(*(getattr(self, field.name).to(device) for field in fields(self)))
+        tensors = (getattr(self, field.name).to(device) for field in fields(self) if field.name != "prediction_type")
+        return DiffusionSchedule(*tensors, prediction_type=self.prediction_type)
 
 
 def _cosine_alpha_bar(t: float) -> float:
@@ -68,15 +71,18 @@ def diffusion_schedule(scheduler: DDPMScheduler) -> DiffusionSchedule:
     """The float64 schedule of a `DDPMScheduler`'s settings (`denoising_scheduler("I")`: cosine, 1000 steps), from
     its config rather than its float32 `betas`; as the original's `get_named_beta_schedule` + `GaussianDiffusion`.
 
-    Only epsilon prediction with learned-range variance is IF's objective; other settings raise ValueError.
+    The variance must be learned-range (IF's hybrid loss learns it). The prediction is IF's "epsilon", or
+    "v_prediction" (`v = sqrt(a_t) noise - sqrt(1 - a_t) x_0`, as the Stable Diffusion x4 upscaler predicts); other
+    settings raise ValueError.
     """
     if not isinstance(scheduler, DDPMScheduler):
         raise TypeError(f"scheduler is a {type(scheduler).__name__}; expected a DDPMScheduler (IF's training one)")
     config = scheduler.config
-    if config.prediction_type != "epsilon" or config.variance_type != "learned_range":
+    if config.prediction_type not in PREDICTION_TYPES or config.variance_type != "learned_range":
         raise ValueError(
             f"scheduler has prediction_type={config.prediction_type!r}, variance_type={config.variance_type!r}; "
-            "IF's hybrid loss needs 'epsilon' and 'learned_range' (use if_diffusers.scheduling.denoising_scheduler)"
+            f"IF's hybrid loss needs one of {PREDICTION_TYPES} and 'learned_range' "
+            "(use if_diffusers.scheduling.denoising_scheduler)"
         )
     if config.trained_betas is not None or config.get("rescale_betas_zero_snr", False):
         raise ValueError("scheduler has trained_betas or rescale_betas_zero_snr: expected a named beta schedule")
@@ -105,6 +111,7 @@ def diffusion_schedule(scheduler: DDPMScheduler) -> DiffusionSchedule:
         posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * torch.sqrt(alphas) / (1.0 - alphas_cumprod),
         sqrt_recip_alphas_cumprod=torch.sqrt(1.0 / alphas_cumprod),
         sqrt_recipm1_alphas_cumprod=torch.sqrt(1.0 / alphas_cumprod - 1),
+        prediction_type=config.prediction_type,
     )
 
 
@@ -150,6 +157,8 @@ def min_snr_weights(timesteps: torch.Tensor, schedule: DiffusionSchedule, gamma:
         raise ValueError(f"gamma={gamma!r}: expected a positive number")
     alphas_cumprod = schedule.alphas_cumprod.to(timesteps.device)[timesteps]
     snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    if schedule.prediction_type == "v_prediction":  # the v error is the epsilon error / sqrt(a): weigh the same
+        return (snr.clamp(max=gamma) / (snr + 1)).float()
     return (snr.clamp(max=gamma) / snr).float()
 
 
@@ -279,11 +288,17 @@ def hybrid_loss(
     """IF's training loss per sample, `(B,)`, and its terms `{"mse", "vb"}` (each `(B,)`, `vb` already weighted);
     the original's `training_losses` with `LossType.RESCALED_MSE` and `LEARNED_RANGE` variance.
 
-    `mse = mean((noise - eps)^2)` trains epsilon only; `vb = vb_weight * vb_term(eps.detach(), v)` trains the
-    variance only (improved DDPM: "don't let it affect our mean prediction").
+    `mse = mean((noise - eps)^2)` trains epsilon only; `vb = vb_weight * vb_term(eps.detach(), variance)` trains
+    the variance only (improved DDPM: "don't let it affect our mean prediction").
+
+    With a `schedule` of `prediction_type="v_prediction"` the first half of `model_output` is v instead:
+    `mse = mean((v_target - v)^2)` with `v_target = sqrt(a_t) noise - sqrt(1 - a_t) x_start`, and the VB term reads
+    the epsilon that v implies, `sqrt(a_t) v + sqrt(1 - a_t) x_t` (detached). Per sample, the v MSE is the implied
+    epsilon's MSE divided by `a_t`: the noisiest steps weigh far more, in the units of x_0 that decide colours.
 
     Args:
-        model_output: `(B, 2C, H, W)` the UNet's epsilon and variance values at `q_sample(x_start, noise, timesteps)`.
+        model_output: `(B, 2C, H, W)` the UNet's epsilon (or v) and variance values at `q_sample(x_start, noise,
+            timesteps)`.
         x_start: `(B, C, H, W)` clean images in `[-1, 1]`.
         noise: `(B, C, H, W)` the standard normal noise that made the model input.
         timesteps: `(B,)` integer steps in `[0, T)`.
@@ -308,11 +323,17 @@ def hybrid_loss(
     weight = schedule.num_timesteps / 1000.0 if vb_weight is None else vb_weight
 
     x_t = q_sample(x_start, noise, timesteps, schedule)
-    eps, variance_values = model_output.chunk(2, dim=1)
+    prediction, variance_values = model_output.chunk(2, dim=1)
+    target, eps = noise, prediction
+    if schedule.prediction_type == "v_prediction":
+        sqrt_alpha_bar = _at(torch.sqrt(schedule.alphas_cumprod), timesteps, x_start)
+        sqrt_one_minus_alpha_bar = _at(torch.sqrt(1.0 - schedule.alphas_cumprod), timesteps, x_start)
+        target = sqrt_alpha_bar * noise - sqrt_one_minus_alpha_bar * x_start
+        eps = sqrt_alpha_bar * prediction + sqrt_one_minus_alpha_bar * x_t
     # (B, C, H, W) frozen epsilon + (B, C, H, W) variance values -> (B, 2C, H, W)
     frozen_output = torch.cat([eps.detach(), variance_values], dim=1)
     terms = {
-        "mse": _mean_flat((noise - eps) ** 2),
+        "mse": _mean_flat((target - prediction) ** 2),
         "vb": vb_term(frozen_output, x_start, x_t, timesteps, schedule) * weight,
     }
     return terms["mse"] + terms["vb"], terms

@@ -101,8 +101,8 @@ class TrainingConfig:
             upscales the first training images, downsampled) to `validation/step-N.png`; None: never.
         seed: seeds the data order, noise, timesteps, augmentation and text dropout.
         text_dropout: probability that a caption is replaced by "" (IF trains the unconditional model this way).
-        snr_gamma: weight the epsilon loss by Min-SNR-gamma (`min_snr_weights`; 5 is the paper's choice), which
-            speeds up training from scratch; None (IF's objective): unweighted.
+        snr_gamma: weight the epsilon (or v) loss by Min-SNR-gamma (`min_snr_weights`; 5 is the paper's choice),
+            which speeds up training from scratch; None (IF's objective): unweighted.
         noise_offset: standard deviation of a constant added to the noise per sample and channel ("offset noise",
             diffusers' training scripts' `--noise_offset`). i.i.d. noise leaves an image's mean colour readable up to
             the last few steps (its SNR is the pixel count times the pixel's), so a model never learns to take the
@@ -238,7 +238,7 @@ def diffusion_loss(
     """`(B,)` hybrid loss of `unet` on `images` `(B, 3, H, W)` in `[-1, 1]` with T5 `text_embeddings` `(B, L, D)`,
     drawing timesteps, noise and (super-resolution, when `augmentation_alphas_cumprod` is given) the low-res
     augmentation level and noise from `generator`, in that order. The loss is computed in float32. With
-    `snr_gamma`, the epsilon term is weighted by `min_snr_weights` (the variance term is left as it is). With
+    `snr_gamma`, the epsilon (or v) term is weighted by `min_snr_weights` (the variance term is left as it is). With
     `noise_offset` > 0, the noise gets a constant per sample and channel, `noise_offset * N(0, 1)` (drawn after the
     noise; see `TrainingConfig.noise_offset`). `timestep_bias` is `(bias_portion, bias_multiplier)` of
     `sample_timesteps` (default: uniform). `max_noise_level` caps the augmentation level (`super_resolution_inputs`;
@@ -341,6 +341,8 @@ def train(
     trained in place) on `dataset` as `config` says, with T5 (`tokenizer`, `text_encoder`) frozen.
 
     `scheduler`: the training schedule and the saved pipeline's scheduler (default `denoising_scheduler(stage)`).
+    Its `prediction_type` is what the UNet learns to predict: IF's "epsilon", or "v_prediction"
+    (`denoising_scheduler(stage, "v_prediction")`); fine-tuning a saved pipeline keeps the one its scheduler names.
     Every input is checked before any model runs. At the end the UNet holds the EMA weights when EMA is on, and is
     in eval mode. Returns the folder written: `output_dir/pipeline` (`IFPipeline` / `IFSuperResolutionPipeline`
     `.from_pretrained` loads it), or `output_dir/lora` (for `load_lora_weights`) with `lora_rank`.
@@ -348,7 +350,7 @@ def train(
     checkpoint = find_checkpoint(config)
     _check_inputs(config, unet, dataset, checkpoint)
     scheduler = scheduler if scheduler is not None else denoising_scheduler(config.stage)
-    schedule = diffusion_schedule(scheduler)  # rejects a schedule that is not IF's objective
+    schedule = diffusion_schedule(scheduler)  # rejects a schedule that is not IF's objective (or its v form)
     return _Run(config, unet, tokenizer, text_encoder, dataset, scheduler, schedule, checkpoint).run()
 
 
