@@ -1,9 +1,10 @@
 """Train the small demo IF cascade on the synthetic shapes with `if_diffusers.training`, then measure it.
 
-Stage I learns 32x32 images from the captions. Stage II, the x4 super-resolution UNet, learns 32x32 crops of 128x128
-renderings from their 8x8 downsamples (`demo_cascade.SuperResolutionCrops`), then upsamples whole 32x32 images to
-128x128. T5 is a tiny random encoder from a fixed seed (frozen). Everything is seeded: the same arguments give the
-same weights on one machine.
+Stage I learns 32x32 images from the captions (predicting epsilon, as IF). Stage II, the x4 super-resolution UNet,
+predicts v: it learns 32x32 crops of 128x128 renderings from their 8x8 downsamples (`demo_cascade.
+SuperResolutionCrops`), then whole 128x128 renderings from their 32x32 downsamples (`train_on_whole_images`), and
+upsamples whole 32x32 images to 128x128. T5 is a tiny random encoder from a fixed seed (frozen). Everything is
+seeded: the same arguments give the same weights on one machine (measured: bitwise).
 
     python scripts/train_demo_cascade.py --output demo-cascade --bundle   # what ships in the package
     python scripts/train_demo_cascade.py --output demo-cascade --evaluate-only   # scores of a trained folder

@@ -18,7 +18,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 def denoising_scheduler(stage: str, prediction_type: str = "epsilon") -> DDPMScheduler:
     """The `scheduler` component of stage `"I"` or `"II"`; for a UNet that predicts `prediction_type`: IF's
-    "epsilon", or "v_prediction" (trained with `TrainingConfig.prediction_type`)."""
+    "epsilon", or "v_prediction" (what `training.train` teaches a UNet when given this scheduler)."""
     if stage not in _SAMPLE_MAX_VALUE:
         raise ValueError(f"stage={stage!r}: expected one of {sorted(_SAMPLE_MAX_VALUE)}")
     if prediction_type not in PREDICTION_TYPES:

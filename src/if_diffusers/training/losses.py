@@ -183,9 +183,14 @@ def q_sample(
     `add_noise`) casts `a_t` first: in float32, `1 - a_t` (~4e-5 at t = 0) then keeps ~3 digits and the VB term
     at t <= 2 moves by ~2e-4 relative against the original (measured), so it is not used here.
     """
-    sqrt_alpha_bar = _at(torch.sqrt(schedule.alphas_cumprod), timesteps, x_start)
-    sqrt_one_minus_alpha_bar = _at(torch.sqrt(1.0 - schedule.alphas_cumprod), timesteps, x_start)
-    return sqrt_alpha_bar * x_start + sqrt_one_minus_alpha_bar * noise
+    signal, noise_scale = _scales(schedule, timesteps, x_start)
+    return signal * x_start + noise_scale * noise
+
+
+def _scales(schedule: DiffusionSchedule, timesteps: torch.Tensor, like: torch.Tensor):
+    """`(sqrt(a_t), sqrt(1 - a_t))`, each `(B, 1, 1, 1)` in `like`'s dtype, the roots taken in float64."""
+    return (_at(torch.sqrt(schedule.alphas_cumprod), timesteps, like),
+            _at(torch.sqrt(1.0 - schedule.alphas_cumprod), timesteps, like))  # fmt: skip
 
 
 def learned_range_log_variance(
@@ -326,10 +331,9 @@ def hybrid_loss(
     prediction, variance_values = model_output.chunk(2, dim=1)
     target, eps = noise, prediction
     if schedule.prediction_type == "v_prediction":
-        sqrt_alpha_bar = _at(torch.sqrt(schedule.alphas_cumprod), timesteps, x_start)
-        sqrt_one_minus_alpha_bar = _at(torch.sqrt(1.0 - schedule.alphas_cumprod), timesteps, x_start)
-        target = sqrt_alpha_bar * noise - sqrt_one_minus_alpha_bar * x_start
-        eps = sqrt_alpha_bar * prediction + sqrt_one_minus_alpha_bar * x_t
+        signal, noise_scale = _scales(schedule, timesteps, x_start)
+        target = signal * noise - noise_scale * x_start
+        eps = signal * prediction + noise_scale * x_t
     # (B, C, H, W) frozen epsilon + (B, C, H, W) variance values -> (B, 2C, H, W)
     frozen_output = torch.cat([eps.detach(), variance_values], dim=1)
     terms = {
