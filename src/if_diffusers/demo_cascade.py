@@ -193,11 +193,7 @@ def super_resolution_scores(cascade, count: int = 16, seed: int = DEMO_SEED, **c
     records = [shapes.sample_record(i, seed, held_out=True) for i in range(count)]
     targets = [shapes.render(record, STAGE_2_SIZE) for record in records]
     low_res = [target.resize((STAGE_1_SIZE, STAGE_1_SIZE), Image.BICUBIC) for target in targets]
-    pipeline = IFSuperResolutionPipeline(
-        tokenizer=cascade.tokenizer, text_encoder=cascade.text_encoder, unet=cascade.stage_2_unet,
-        scheduler=cascade.stage_2_scheduler, image_noising_scheduler=cascade.stage_2_image_noising_scheduler,
-        safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False,
-    )  # fmt: skip
+    pipeline = IFSuperResolutionPipeline(**cascade._stage_components(2))  # the cascade's own stage II
     pipeline.set_progress_bar_config(disable=True)
     call = {"timesteps": QUALITY_CALL["stage_2_timesteps"], **call}
     images = pipeline(image=low_res, prompt=[r.caption for r in records],
