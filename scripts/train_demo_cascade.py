@@ -121,7 +121,7 @@ def train_on_whole_images(crop_trained: Path, output: Path, args) -> Path:
     pipeline = IFSuperResolutionPipeline.from_pretrained(crop_trained)
     steps, batch = args.stage_2_whole_steps, args.stage_2_whole_batch_size
     config = training_config(
-        args, "II", output / "stage_II_whole", STAGE_2_SIZE, steps, batch, args.stage_2_whole_learning_rate,
+        args, "II", output, "stage_II_whole", STAGE_2_SIZE, steps, batch, args.stage_2_whole_learning_rate,
         seed=DEMO_SEED + 1, max_noise_level=args.max_noise_level, snr_gamma=args.stage_2_snr_gamma or None,
         noise_offset=args.stage_2_noise_offset,
     )  # fmt: skip
@@ -141,7 +141,7 @@ def train_stage(stage: str, steps: int, output: Path, tokenizer, text_encoder, a
         options = {"snr_gamma": args.stage_2_snr_gamma or None, "noise_offset": args.stage_2_noise_offset,
                    "max_noise_level": args.max_noise_level}  # fmt: skip
     config = training_config(
-        args, stage, output / f"stage_{stage}", resolution, steps, args.batch_size, args.learning_rate,
+        args, stage, output, f"stage_{stage}", resolution, steps, args.batch_size, args.learning_rate,
         seed=DEMO_SEED, timestep_bias_portion=args.timestep_bias[0], timestep_bias_multiplier=args.timestep_bias[1],
         **options,
     )  # fmt: skip
@@ -155,16 +155,16 @@ def train_stage(stage: str, steps: int, output: Path, tokenizer, text_encoder, a
     return folder
 
 
-def training_config(args, stage: str, output_dir: Path, resolution: int, steps: int, batch_size: int,
+def training_config(args, stage: str, output: Path, phase: str, resolution: int, steps: int, batch_size: int,
                     learning_rate: float, seed: int, **options) -> TrainingConfig:  # fmt: skip
     """The `TrainingConfig` every phase of the demo shares (schedule, precision, EMA, checkpoints, the embedding
-    cache, resuming), with this phase's stage, folder, image size, length, batch, rate, seed and `options`."""
+    cache, resuming), with this phase's stage, folder (`output / phase`), image size, length, batch, rate, seed and `options`."""
     return TrainingConfig(
-        stage=stage, output_dir=str(output_dir), resolution=resolution, train_batch_size=batch_size,
+        stage=stage, output_dir=str(output / phase), resolution=resolution, train_batch_size=batch_size,
         max_train_steps=steps, learning_rate=learning_rate, lr_scheduler=args.lr_scheduler,
         mixed_precision=args.mixed_precision, lr_warmup_steps=min(100, steps // 10), ema_decay=0.999,
         checkpointing_steps=max(100, steps // 10), seed=seed,
-        embedding_cache_dir=Path(args.output) / "embeddings",  # stage II's captions are among stage I's
+        embedding_cache_dir=output / "embeddings",  # stage II's captions are among stage I's
         resume_from_checkpoint="latest" if args.resume else None, overwrite_output_dir=not args.resume, **options,
     )  # fmt: skip
 
