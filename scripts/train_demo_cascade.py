@@ -2,8 +2,8 @@
 
 Stage I learns 32x32 images from the captions (predicting epsilon, as IF). Stage II, the x4 super-resolution UNet,
 predicts v: it learns 32x32 crops of 128x128 renderings from their 8x8 downsamples (`demo_cascade.
-SuperResolutionCrops`), then whole 128x128 renderings from their 32x32 downsamples (`train_on_whole_images`), and
-upsamples whole 32x32 images to 128x128. T5 is a tiny random encoder from a fixed seed (frozen). Everything is
+SuperResolutionCrops`, colours jittered off the palette), then whole 128x128 renderings from their 32x32 downsamples
+(`train_on_whole_images`), and upsamples whole 32x32 images to 128x128. T5 is a tiny random encoder from a fixed seed (frozen). Everything is
 seeded: the same arguments give the same weights on one machine (measured: bitwise).
 
     python scripts/train_demo_cascade.py --output demo-cascade --bundle   # what ships in the package
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="epsilon", help="stage I's")
     parser.add_argument("--stage-2-prediction-type", choices=PREDICTION_TYPES, default="v_prediction",
                         help="stage II's (with 'epsilon' its samples drift in colour; see the model card)")  # fmt: skip
+    parser.add_argument("--stage-2-colour-jitter", type=float, default=0.1,
+                        help="stage II's colour jitter of its training images (SuperResolutionCrops.colour_jitter; 0: none)")  # fmt: skip
     parser.add_argument("--stage-2-whole-steps", type=int, default=600,
                         help="stage II's steps on whole 128x128 images after its crop steps (0: none)")  # fmt: skip
     parser.add_argument("--stage-2-whole-batch-size", type=int, default=4)
@@ -112,11 +114,11 @@ def train_on_whole_images(crop_trained: Path, output: Path, args) -> Path:
     """Go on training the crop-trained stage II (`crop_trained`, a pipeline folder) on whole 128x128 images, at a
     lower rate; returns the new pipeline folder.
 
-    At width 32, GroupNorm's 32 groups hold one channel each: every feature is normalised by its own mean and spread
-    over the whole image, which differ between a 32x32 crop (often one plain colour) and a whole image. Trained on
-    crops alone, the UNet's one-step estimate of x_0 at t = 999 is 3.7x less accurate on whole images than on the
-    same images cut into 32x32 tiles (see the model card); a few hundred whole-image steps adapt it. Crops stay the
-    main phase: per step of the same cost they teach the super-resolution itself far faster than whole images.
+    GroupNorm normalises each group of features by its mean and spread over the whole image, which differ between a
+    32x32 crop (often one plain colour) and a whole image. Trained on crops alone (with IF's 32 groups, one channel
+    each at this width), the UNet's one-step estimate of x_0 at t = 999 was 3.7x less accurate on whole images than
+    on the same images cut into 32x32 tiles (see the model card); a few hundred whole-image steps adapt it. Crops stay
+    the main phase: per step of the same cost they teach the super-resolution itself far faster than whole images.
     """
     pipeline = IFSuperResolutionPipeline.from_pretrained(crop_trained)
     steps, batch = args.stage_2_whole_steps, args.stage_2_whole_batch_size
@@ -126,7 +128,8 @@ def train_on_whole_images(crop_trained: Path, output: Path, args) -> Path:
         noise_offset=args.stage_2_noise_offset,
     )  # fmt: skip
     # other images than the crop phase's: the next seed's records, whole
-    dataset = SuperResolutionCrops(steps * batch, seed=DEMO_SEED + 1, crop=STAGE_2_SIZE)
+    dataset = SuperResolutionCrops(steps * batch, seed=DEMO_SEED + 1, crop=STAGE_2_SIZE,
+                                   colour_jitter=args.stage_2_colour_jitter)  # fmt: skip
     start = time.perf_counter()
     folder = train(config, pipeline.unet, pipeline.tokenizer, pipeline.text_encoder, dataset, pipeline.scheduler)
     print(f"stage II on whole images: {steps} steps of {batch} in {time.perf_counter() - start:.0f} s -> {folder}")
@@ -146,7 +149,10 @@ def train_stage(stage: str, steps: int, output: Path, tokenizer, text_encoder, a
         **options,
     )  # fmt: skip
     count = steps * args.batch_size
-    dataset = ShapesDataset(count, DEMO_SEED, STAGE_1_SIZE) if stage == "I" else SuperResolutionCrops(count)
+    if stage == "I":
+        dataset = ShapesDataset(count, DEMO_SEED, STAGE_1_SIZE)
+    else:
+        dataset = SuperResolutionCrops(count, colour_jitter=args.stage_2_colour_jitter)
     start = time.perf_counter()
     prediction_type = args.prediction_type if stage == "I" else args.stage_2_prediction_type
     scheduler = denoising_scheduler(stage, prediction_type)

@@ -7,9 +7,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
+import pytest
 import torch
 
-from if_diffusers.demo_cascade import demo_text_encoder, demo_tokenizer, quality_scores
+from if_diffusers.demo_cascade import (
+    SuperResolutionCrops,
+    demo_text_encoder,
+    demo_tokenizer,
+    quality_scores,
+)
 from if_diffusers.synthetic import shapes
 
 
@@ -97,3 +103,38 @@ def test_quality_scores_give_a_perfect_generator_full_marks_and_noise_chance():
     for stage, shape_floor in (("stage_1", 0.9), ("stage_2", 0.95)):
         assert good[stage]["colour"] == 1.0 and good[stage]["shape"] >= shape_floor and good[stage]["position"] == 1.0
         assert bad[stage]["colour"] < 0.4 and bad[stage]["all"] < 0.1
+
+
+def test_super_resolution_crops_are_seeded_4_aligned_crops_of_the_renderings():
+    crops = SuperResolutionCrops(8, crop=32)
+    for index in range(8):
+        example = crops[index]
+        whole = np.asarray(shapes.render(example.record, 128))
+        crop = np.asarray(example.image)
+        assert crop.shape == (32, 32, 3) and example.caption == example.record.caption
+        matches = [(top, left) for top in range(0, 97, 4) for left in range(0, 97, 4)
+                   if np.array_equal(whole[top : top + 32, left : left + 32], crop)]  # fmt: skip
+        assert matches, index  # a crop of the rendering at a corner on the 4-pixel grid
+        assert np.array_equal(np.asarray(SuperResolutionCrops(8, crop=32)[index].image), crop)  # seeded
+
+
+def test_colour_jitter_moves_each_channel_by_one_affine_map_off_the_palette():
+    plain, jittered = SuperResolutionCrops(16, crop=128), SuperResolutionCrops(16, crop=128, colour_jitter=0.1)
+    palette = {tuple(colour) for colour in shapes.COLOURS.values()}
+    moved = 0
+    for index in range(16):
+        before = np.asarray(plain[index].image, np.float64) / 255
+        after = np.asarray(jittered[index].image, np.float64) / 255
+        moved += tuple(np.asarray(jittered[index].image)[0, 0]) not in palette
+        for channel in range(3):
+            x, y = before[..., channel].ravel(), after[..., channel].ravel()
+            inside = (y > 0) & (y < 1)  # not clipped
+            if inside.sum() < 2 or np.ptp(x[inside]) < 0.05:
+                continue
+            slope, intercept = np.polyfit(x[inside], y[inside], 1)
+            assert np.abs(slope * x[inside] + intercept - y[inside]).max() < 1.5 / 255, (index, channel)
+            assert 0.89 <= slope <= 1.11, (index, channel, slope)  # 0.9-1.1, give or take uint8 rounding
+            assert abs(intercept + 0.5 * (slope - 1)) <= 0.11, (index, channel, intercept)  # the offset
+    assert moved >= 14  # background corners off the palette
+    with pytest.raises(ValueError, match="colour_jitter.*0.7.*\\[0, 0.5\\]"):
+        SuperResolutionCrops(4, colour_jitter=0.7)

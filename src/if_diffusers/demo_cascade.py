@@ -55,6 +55,10 @@ STAGE_2_PARAMS: dict[str, Any] = {
     "attention_resolutions": "8", "disable_self_attentions": "16", "efficient_activation": True,
     "scale_skip_connection": True,
 }  # fmt: skip
+# IF's GroupNorm has 32 groups at every width. At the demo's width 32 that is one channel per group: each feature is
+# normalised by its own mean over the image, which erases a plain colour, and stage II has to copy the colours of its
+# low-res input. Stage II uses 8 groups, 4 channels each, as IF-II-M's 128-wide first level has (model card).
+STAGE_2_NORM_GROUPS = 8
 
 
 def bundled_model_path() -> Path:
@@ -140,8 +144,11 @@ def demo_unet(stage: str, seed: int = DEMO_SEED):
     params, cls = (
         (STAGE_1_PARAMS, IFUNet2DConditionModel) if stage == "I" else (STAGE_2_PARAMS, IFSuperResUNet2DConditionModel)
     )
+    config = OriginalUNetParams.parse(params).to_unet_config()
+    if stage == "II":
+        config["norm_num_groups"] = STAGE_2_NORM_GROUPS
     torch.manual_seed(seed)
-    return cls.from_config(OriginalUNetParams.parse(params).to_unet_config())
+    return cls.from_config(config)
 
 
 class SuperResolutionCrops:
@@ -153,14 +160,23 @@ class SuperResolutionCrops:
     only), so it learns from crops at the scale it then upsamples whole images, at a sixteenth of the cost of 128x128
     targets. `crop=size` gives whole images, which the demo's stage II ends its training on (GroupNorm statistics
     differ between crops and whole images: `scripts/train_demo_cascade.py`).
+
+    `colour_jitter` > 0 moves each image's colours off the palette: every channel `c` (in [0, 1]) becomes
+    `clip(c + offset + gain (c - 1/2))` with `offset` and `gain` uniform on `[-colour_jitter, colour_jitter]`, drawn
+    per image and channel from `(seed, index)`. The map is affine per channel, so antialiased edges stay the
+    area-weighted mix of their two colours. Stage I's samples are near, not on, the palette (a beige for white); a
+    super-resolution UNet that only saw palette colours snaps such inputs back to palette colours in blotches.
     """
 
     def __init__(self, length: int, seed: int = DEMO_SEED, size: int = STAGE_2_SIZE,
-                 crop: int = SUPER_RESOLUTION_CROP) -> None:  # fmt: skip
+                 crop: int = SUPER_RESOLUTION_CROP, colour_jitter: float = 0.0) -> None:  # fmt: skip
         if not isinstance(crop, int) or crop % 4 or not 4 <= crop <= size:
             raise ValueError(f"`crop` is {crop!r}; expected a multiple of 4 between 4 and `size` ({size}).")
+        if not isinstance(colour_jitter, (int, float)) or not 0.0 <= colour_jitter <= 0.5:
+            raise ValueError(f"`colour_jitter` is {colour_jitter!r}; expected a number in [0, 0.5].")
         self.shapes = shapes.ShapesDataset(length, seed, size)
         self.crop = crop
+        self.colour_jitter = float(colour_jitter)
         self.captions = [shapes.sample_record(i, seed).caption for i in range(length)]
 
     def __len__(self) -> int:
@@ -173,6 +189,13 @@ class SuperResolutionCrops:
         )
         left, top = (4 * int(c) for c in corners)
         image = example.image.crop((left, top, left + self.crop, top + self.crop))
+        if self.colour_jitter:
+            offset, gain = np.random.default_rng((self.shapes.seed, index, 3)).uniform(
+                -self.colour_jitter, self.colour_jitter, (2, 3)
+            )
+            pixels = np.asarray(image, np.float32) / 255
+            pixels = np.clip(pixels + offset + gain * (pixels - 0.5), 0.0, 1.0)
+            image = Image.fromarray((pixels * 255 + 0.5).astype(np.uint8))
         return shapes.Example(image, example.caption, example.record)
 
 
