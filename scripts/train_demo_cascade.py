@@ -3,8 +3,8 @@
 Stage I learns 32x32 images from the captions (predicting epsilon, as IF). Stage II, the x4 super-resolution UNet,
 predicts v: it learns 32x32 crops of 128x128 renderings from their 8x8 downsamples (`demo_cascade.
 SuperResolutionCrops`, colours jittered off the palette), then whole 128x128 renderings from their 32x32 downsamples
-(`train_on_whole_images`), and upsamples whole 32x32 images to 128x128. T5 is a tiny random encoder from a fixed seed (frozen). Everything is
-seeded: the same arguments give the same weights on one machine (measured: bitwise).
+(`train_on_whole_images`), and upsamples whole 32x32 images to 128x128. T5 is a tiny random encoder from a fixed
+seed (frozen). Everything is seeded: the same arguments give the same weights on one machine (measured: bitwise).
 
     python scripts/train_demo_cascade.py --output demo-cascade --bundle   # what ships in the package
     python scripts/train_demo_cascade.py --output demo-cascade --evaluate-only   # scores of a trained folder
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="resume each stage from its last checkpoint")
     parser.add_argument("--bundle", action="store_true", help="also write the cascade into the package (demo_model)")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.stage_2_colour_jitter <= 0.5:
+        parser.error(f"--stage-2-colour-jitter {args.stage_2_colour_jitter}: expected a number in [0, 0.5]")
     if args.stage_1 is not None and not (args.stage_1 / "model_index.json").is_file():
         parser.error(f"--stage-1 {args.stage_1}: expected a stage-I pipeline folder (no model_index.json there)")
     output = Path(args.output)

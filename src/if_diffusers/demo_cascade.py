@@ -57,7 +57,7 @@ STAGE_2_PARAMS: dict[str, Any] = {
 }  # fmt: skip
 # IF's GroupNorm has 32 groups at every width. At the demo's width 32 that is one channel per group: each feature is
 # normalised by its own mean over the image, which erases a plain colour, and stage II has to copy the colours of its
-# low-res input. Stage II uses 8 groups, 4 channels each, as IF-II-M's 128-wide first level has (model card).
+# low-res input. Stage II uses 8 groups, 4 channels each, near IF-II-L's 5 at its first level (width 160; model card).
 STAGE_2_NORM_GROUPS = 8
 
 
