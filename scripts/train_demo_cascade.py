@@ -85,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="resume each stage from its last checkpoint")
     parser.add_argument("--bundle", action="store_true", help="also write the cascade into the package (demo_model)")
     args = parser.parse_args(argv)
-    if not 0.0 <= args.stage_2_colour_jitter <= 0.5:
-        parser.error(f"--stage-2-colour-jitter {args.stage_2_colour_jitter}: expected a number in [0, 0.5]")
+    try:  # the dataset's own check, before any training
+        SuperResolutionCrops(0, colour_jitter=args.stage_2_colour_jitter)
+    except ValueError as error:
+        parser.error(f"--stage-2-colour-jitter: {error}")
     if args.stage_1 is not None and not (args.stage_1 / "model_index.json").is_file():
         parser.error(f"--stage-1 {args.stage_1}: expected a stage-I pipeline folder (no model_index.json there)")
     output = Path(args.output)
