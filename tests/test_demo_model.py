@@ -110,6 +110,30 @@ def test_unknown_words_are_named_and_warned_about(tmp_path, capsys):
     assert (tmp_path / "k.png").is_file()
 
 
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        ([], demo_cascade.QUALITY_CALL),
+        (["--steps", "3"], {"stage_1_num_inference_steps": 3, "stage_2_num_inference_steps": 3,
+                            "stage_2_noise_level": demo_cascade.STAGE_2_NOISE_LEVEL}),
+    ],
+)  # fmt: skip
+def test_generate_samples_the_bundled_model_at_the_presets_its_scores_are_measured_with(monkeypatch, arguments,
+                                                                                         expected):  # fmt: skip
+    """`if-diffusers generate` with the bundled model: the benchmark's steps and stage II's augmentation level 100
+    (not IF's 250); --steps replaces the steps only."""
+    calls = []
+
+    def record(self, prompt, **kwargs):
+        calls.append(kwargs)
+        raise ValueError("recorded")
+
+    monkeypatch.setattr(IFCascadePipeline, "__call__", record)
+    assert main(["generate", README_PROMPT, "--device", "cpu", *arguments]) == 1
+    assert {key: value for key, value in calls[0].items() if key.startswith("stage_")} == expected
+    assert demo_cascade.QUALITY_CALL["stage_2_noise_level"] == 100
+
+
 def test_a_missing_bundled_model_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(demo_cascade, "BUNDLED_MODEL_FOLDER", "no_such_folder")
     with pytest.raises(FileNotFoundError, match="bundled demo model is missing.*reinstall"):

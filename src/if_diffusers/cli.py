@@ -94,8 +94,9 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         else:
             pipeline.to(device)
         steps = {} if args.steps is None else {f"stage_{n}_num_inference_steps": args.steps for n in (1, 2, 3)}
-        if args.model is None and args.steps is None and args.mode == "text2img":
-            steps = dict(demo_cascade.QUALITY_CALL)  # the bundled model's presets, at which its scores are measured
+        if args.model is None and args.mode == "text2img":
+            # the bundled model's presets, at which its scores are measured (--steps replaces only their steps)
+            steps = {**(steps or demo_cascade.QUALITY_STEPS), "stage_2_noise_level": demo_cascade.STAGE_2_NOISE_LEVEL}
         if not pipeline.has_stage_3:
             steps.pop("stage_3_num_inference_steps", None)
         guidance = {} if args.guidance is None else {"stage_1_guidance_scale": args.guidance,
