@@ -60,7 +60,8 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative-prompt")
     parser.add_argument("--steps", type=int, help="denoising steps of every stage (default: the original's presets; "
                         "for the bundled demo model, the faster ones its quality is measured with)")  # fmt: skip
-    parser.add_argument("--guidance", type=float, help="guidance scale of stages I and II (default: the original's)")
+    parser.add_argument("--guidance", type=float, help="guidance scale of stages I and II (default: the original's; "
+                        "for the bundled demo model, stage I's 2 its quality is measured with)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=1, help="images to make (saved one by one and as a grid)")
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
@@ -94,17 +95,20 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         else:
             pipeline.to(device)
         steps = {} if args.steps is None else {f"stage_{n}_num_inference_steps": args.steps for n in (1, 2, 3)}
-        if args.model is None and args.mode == "text2img":
-            # the bundled model's presets, at which its scores are measured (--steps replaces only their steps)
-            steps = {**(steps or demo_cascade.QUALITY_STEPS), "stage_2_noise_level": demo_cascade.STAGE_2_NOISE_LEVEL}
-        if not pipeline.has_stage_3:
-            steps.pop("stage_3_num_inference_steps", None)
         guidance = {} if args.guidance is None else {"stage_1_guidance_scale": args.guidance,
                                                      "stage_2_guidance_scale": args.guidance}  # fmt: skip
+        presets = {}
+        if args.model is None and args.mode == "text2img":
+            # the bundled model's presets, at which its scores are measured (--steps and --guidance replace theirs)
+            presets = {**({} if steps else demo_cascade.QUALITY_STEPS),
+                       **({} if guidance else demo_cascade.QUALITY_GUIDANCE),
+                       "stage_2_noise_level": demo_cascade.STAGE_2_NOISE_LEVEL}  # fmt: skip
+        if not pipeline.has_stage_3:
+            steps.pop("stage_3_num_inference_steps", None)
         output = pipeline(
             args.prompt, image=image, mask_image=mask, negative_prompt=args.negative_prompt,
             num_images_per_prompt=args.num_images, generator=torch.Generator(device).manual_seed(args.seed),
-            return_intermediates=args.save_intermediates, **steps, **guidance,
+            return_intermediates=args.save_intermediates, **presets, **steps, **guidance,
         )  # fmt: skip
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
