@@ -48,12 +48,16 @@ from if_diffusers.training.trainer import LR_SCHEDULERS, MIXED_PRECISION
 PACKAGE_MODEL = Path(__file__).resolve().parents[1] / "src" / "if_diffusers" / BUNDLED_MODEL_FOLDER
 
 
-def main(argv: list[str] | None = None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
+    """The script's options; their defaults reproduce the bundled model."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="working folder: checkpoints, stages, the cascade")
     parser.add_argument("--stage-1-steps", type=int, default=4000)
-    parser.add_argument("--stage-2-steps", type=int, default=1500)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--stage-2-steps", type=int, default=1500, help="stage II's steps on crops")
+    parser.add_argument("--batch-size", type=int, default=32, help="stage I's")
+    parser.add_argument("--stage-2-batch-size", type=int, default=32, help="stage II's, on crops")
+    parser.add_argument("--stage-2-crop", type=int, default=SUPER_RESOLUTION_CROP,
+                        help="side of stage II's training crops of its 128x128 targets (a multiple of 4; 128: whole images)")  # fmt: skip
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default="cosine", help="both stages")
     parser.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="bf16",
@@ -84,11 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluate-only", action="store_true", help="score OUTPUT/cascade without training")
     parser.add_argument("--resume", action="store_true", help="resume each stage from its last checkpoint")
     parser.add_argument("--bundle", action="store_true", help="also write the cascade into the package (demo_model)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argument_parser()
     args = parser.parse_args(argv)
-    try:  # the dataset's own check, before any training
+    try:  # the dataset's own checks, before any training
         SuperResolutionCrops(0, colour_jitter=args.stage_2_colour_jitter)
     except ValueError as error:
         parser.error(f"--stage-2-colour-jitter: {error}")
+    try:
+        SuperResolutionCrops(0, crop=args.stage_2_crop)
+    except ValueError as error:
+        parser.error(f"--stage-2-crop: {error}")
     if args.stage_1 is not None and not (args.stage_1 / "model_index.json").is_file():
         parser.error(f"--stage-1 {args.stage_1}: expected a stage-I pipeline folder (no model_index.json there)")
     output = Path(args.output)
@@ -142,26 +155,27 @@ def train_on_whole_images(crop_trained: Path, output: Path, args) -> Path:
 
 def train_stage(stage: str, steps: int, output: Path, tokenizer, text_encoder, args) -> Path:
     """Train the demo's stage `stage` UNet for `steps` steps; returns its pipeline folder."""
-    resolution = STAGE_1_SIZE if stage == "I" else SUPER_RESOLUTION_CROP
+    resolution = STAGE_1_SIZE if stage == "I" else args.stage_2_crop
     options = {"snr_gamma": args.snr_gamma or None, "noise_offset": args.noise_offset}
     if stage == "II":
         options = {"snr_gamma": args.stage_2_snr_gamma or None, "noise_offset": args.stage_2_noise_offset,
                    "max_noise_level": args.max_noise_level}  # fmt: skip
+    batch_size = args.batch_size if stage == "I" else args.stage_2_batch_size
     config = training_config(
-        args, stage, output, f"stage_{stage}", resolution, steps, args.batch_size, args.learning_rate,
+        args, stage, output, f"stage_{stage}", resolution, steps, batch_size, args.learning_rate,
         seed=DEMO_SEED, timestep_bias_portion=args.timestep_bias[0], timestep_bias_multiplier=args.timestep_bias[1],
         **options,
     )  # fmt: skip
-    count = steps * args.batch_size
+    count = steps * batch_size
     if stage == "I":
         dataset = ShapesDataset(count, DEMO_SEED, STAGE_1_SIZE)
     else:
-        dataset = SuperResolutionCrops(count, colour_jitter=args.stage_2_colour_jitter)
+        dataset = SuperResolutionCrops(count, crop=args.stage_2_crop, colour_jitter=args.stage_2_colour_jitter)
     start = time.perf_counter()
     prediction_type = args.prediction_type if stage == "I" else args.stage_2_prediction_type
     scheduler = denoising_scheduler(stage, prediction_type)
     folder = train(config, demo_unet(stage), tokenizer, text_encoder, dataset, scheduler)
-    print(f"stage {stage}: {steps} steps of {args.batch_size} in {time.perf_counter() - start:.0f} s -> {folder}")
+    print(f"stage {stage}: {steps} steps of {batch_size} in {time.perf_counter() - start:.0f} s -> {folder}")
     return folder
 
 

@@ -3,6 +3,8 @@ measure, which must give a perfect generator full marks and a shapeless one chan
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -139,3 +141,42 @@ def test_colour_jitter_moves_each_channel_by_one_affine_map_off_the_palette():
     assert moved >= 14  # background corners off the palette
     with pytest.raises(ValueError, match="colour_jitter.*0.7.*\\[0, 0.5\\]"):
         SuperResolutionCrops(4, colour_jitter=0.7)
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    """`scripts/train_demo_cascade.py` as a module."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_cascade.py"
+    spec = importlib.util.spec_from_file_location("train_demo_cascade", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("crop", ["30", "0", "132"])
+def test_train_script_rejects_a_bad_stage_2_crop_before_training(train_script, tmp_path, capsys, crop):
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(["--output", str(tmp_path / "run"), "--stage-2-crop", crop])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"--stage-2-crop: `crop` is {crop}" in error and "multiple of 4" in error, error
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_script_gives_stage_2_its_own_crop_and_batch(train_script, tmp_path, monkeypatch):
+    """`--stage-2-crop` / `--stage-2-batch-size` reach stage II's dataset and config; stage I keeps `--batch-size`;
+    the defaults are the bundled model's recipe (32x32 crops, batch 32)."""
+    seen = {}
+
+    def fake_train(config, unet, tokenizer, text_encoder, dataset, scheduler):
+        seen[config.stage] = (config.resolution, config.train_batch_size, len(dataset), dataset[0].image.size)
+        return tmp_path / config.stage
+
+    monkeypatch.setattr(train_script, "train", fake_train)
+    options = ["--output", str(tmp_path), "--stage-1-steps", "2", "--stage-2-steps", "3", "--batch-size", "5"]
+    for extra, crop, batch in (([], 32, 32), (["--stage-2-crop", "64", "--stage-2-batch-size", "8"], 64, 8)):
+        args = train_script.argument_parser().parse_args(options + extra)
+        train_script.train_stage("I", 2, tmp_path, None, None, args)
+        train_script.train_stage("II", 3, tmp_path, None, None, args)
+        assert seen["I"] == (32, 5, 10, (32, 32))
+        assert seen["II"] == (crop, batch, 3 * batch, (crop, crop))
