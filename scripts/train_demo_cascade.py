@@ -94,14 +94,12 @@ def argument_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = argument_parser()
     args = parser.parse_args(argv)
-    try:  # the dataset's own checks, before any training
-        SuperResolutionCrops(0, colour_jitter=args.stage_2_colour_jitter)
-    except ValueError as error:
-        parser.error(f"--stage-2-colour-jitter: {error}")
-    try:
-        SuperResolutionCrops(0, crop=args.stage_2_crop)
-    except ValueError as error:
-        parser.error(f"--stage-2-crop: {error}")
+    for flag, option in (("--stage-2-colour-jitter", {"colour_jitter": args.stage_2_colour_jitter}),
+                         ("--stage-2-crop", {"crop": args.stage_2_crop})):  # fmt: skip
+        try:  # the dataset's own checks, before any training
+            SuperResolutionCrops(0, **option)
+        except ValueError as error:
+            parser.error(f"{flag}: {error}")
     if args.stage_1 is not None and not (args.stage_1 / "model_index.json").is_file():
         parser.error(f"--stage-1 {args.stage_1}: expected a stage-I pipeline folder (no model_index.json there)")
     output = Path(args.output)
@@ -155,25 +153,23 @@ def train_on_whole_images(crop_trained: Path, output: Path, args) -> Path:
 
 def train_stage(stage: str, steps: int, output: Path, tokenizer, text_encoder, args) -> Path:
     """Train the demo's stage `stage` UNet for `steps` steps; returns its pipeline folder."""
-    resolution = STAGE_1_SIZE if stage == "I" else args.stage_2_crop
-    options = {"snr_gamma": args.snr_gamma or None, "noise_offset": args.noise_offset}
-    if stage == "II":
+    if stage == "I":
+        resolution, batch_size, prediction_type = STAGE_1_SIZE, args.batch_size, args.prediction_type
+        options = {"snr_gamma": args.snr_gamma or None, "noise_offset": args.noise_offset}
+        dataset = ShapesDataset(steps * batch_size, DEMO_SEED, STAGE_1_SIZE)
+    else:
+        resolution, batch_size = args.stage_2_crop, args.stage_2_batch_size
+        prediction_type = args.stage_2_prediction_type
         options = {"snr_gamma": args.stage_2_snr_gamma or None, "noise_offset": args.stage_2_noise_offset,
                    "max_noise_level": args.max_noise_level}  # fmt: skip
-    batch_size = args.batch_size if stage == "I" else args.stage_2_batch_size
+        dataset = SuperResolutionCrops(steps * batch_size, crop=resolution, colour_jitter=args.stage_2_colour_jitter)
     config = training_config(
         args, stage, output, f"stage_{stage}", resolution, steps, batch_size, args.learning_rate,
         seed=DEMO_SEED, timestep_bias_portion=args.timestep_bias[0], timestep_bias_multiplier=args.timestep_bias[1],
         **options,
     )  # fmt: skip
-    count = steps * batch_size
-    if stage == "I":
-        dataset = ShapesDataset(count, DEMO_SEED, STAGE_1_SIZE)
-    else:
-        dataset = SuperResolutionCrops(count, crop=args.stage_2_crop, colour_jitter=args.stage_2_colour_jitter)
-    start = time.perf_counter()
-    prediction_type = args.prediction_type if stage == "I" else args.stage_2_prediction_type
     scheduler = denoising_scheduler(stage, prediction_type)
+    start = time.perf_counter()
     folder = train(config, demo_unet(stage), tokenizer, text_encoder, dataset, scheduler)
     print(f"stage {stage}: {steps} steps of {batch_size} in {time.perf_counter() - start:.0f} s -> {folder}")
     return folder
