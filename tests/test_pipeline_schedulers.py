@@ -1,8 +1,9 @@
 """Schedulers, timesteps, the denoising loop's host synchronisation, attention processors and the progress bar.
 
-* Every diffusers scheduler that fits a pixel-space epsilon model runs when swapped in with
-  `Cls.from_config(pipe.scheduler.config)`, at stage I and in super-resolution, also from an image (img2img), and
-  gets the learned variance only where it reads it (diffusers' IF pipelines crash with DDIM, UniPC, Euler, ...).
+* Every diffusers scheduler that fits a pixel-space model runs when swapped in with
+  `Cls.from_config(pipe.scheduler.config)`, at stage I and in super-resolution, for an epsilon or a v-prediction UNet
+  (the demo's stage II), also from an image (img2img), and gets the learned variance only where it reads it
+  (diffusers' IF pipelines crash with DDIM, UniPC, Euler, ..., and DPM-Solver crashes on a v model's 6 channels).
 * `timesteps=` presets expand exactly as the original `deepfloyd_if` expands them; bad values raise `ValueError`.
 * `_denoise` never reads a tensor back to the host: a full generation runs while every host read raises.
 * Attention slicing on and off comes back to the SDPA processors, with the same images.
@@ -56,10 +57,10 @@ SCHEDULERS = {
     "LMSDiscreteScheduler": STEPS,
     "PNDMScheduler": STEPS,
 }
-# Read from diffusers' step code: DDPM turns the variance channels into its step variance ("learned_range");
-# DPM-Solver (both) slices them off itself. Every other scheduler takes the 3 noise channels only.
+# Read from diffusers' step code: DDPM turns the variance channels into its step variance ("learned_range"), and
+# only it gets them. DPM-Solver (both) slices them off itself, but for an epsilon model only.
 READS_LEARNED_VARIANCE = {"DDPMScheduler"}
-TAKES_SIX_CHANNELS = {"DDPMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler"}
+SLICES_VARIANCE_FOR_EPSILON = {"DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler"}
 # Those whose `set_timesteps` takes `timesteps=` (the others must refuse a list or a preset).
 TAKE_CUSTOM_TIMESTEPS = {"DDPMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
                          "EulerDiscreteScheduler", "HeunDiscreteScheduler"}  # fmt: skip
@@ -147,21 +148,22 @@ def _count_model_calls(pipe, monkeypatch) -> list[str]:
 # --- every scheduler runs -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("name", ["IFPipeline", "IFSuperResolutionPipeline"])
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
-def test_scheduler_from_config_runs(pipeline_components, name, scheduler):
+def test_scheduler_from_config_runs(pipeline_components, name, scheduler, prediction_type):
     """`Cls.from_config(IF's DDPM config)` (thresholding, clip_sample and a `variance_type` most schedulers do not
-    know, all carried over) gives finite images of the right size, and `step` gets 6 channels only where it takes
+    know, all carried over) gives finite images of the right size, and `step` gets 6 channels only where it reads
     them. diffusers' IF pipelines pass 6 channels whenever the config names a learned variance, inherited or not,
-    and crash in DDIM, UniPC, Euler, ..."""
-    pipe = _pipeline(pipeline_components, name, scheduler)
+    and crash in DDIM, UniPC, Euler, ..., and in DPM-Solver with a v-prediction UNet."""
+    pipe = _pipeline(pipeline_components, name, scheduler, prediction_type=prediction_type)
     channels = _spy_step_channels(pipe)
     images, ran = _run(pipe, name, SCHEDULERS[scheduler])
     size = 16 if name == "IFPipeline" else 32
     assert images.shape == (1, 3, size, size)
     assert torch.isfinite(images).all()
     assert len(ran) == len(pipe.scheduler.timesteps) == len(channels) > 0
-    assert set(channels) == {6 if scheduler in TAKES_SIX_CHANNELS else 3}
+    assert set(channels) == {6 if scheduler in READS_LEARNED_VARIANCE else 3}
 
 
 @pytest.mark.parametrize("scheduler", ["DDIMScheduler", "UniPCMultistepScheduler", "EulerDiscreteScheduler"])
@@ -175,11 +177,10 @@ def test_diffusers_twin_crashes_where_ours_runs(pipeline_components, scheduler):
         theirs(prompt=PROMPT, num_inference_steps=2, output_type="pt")
 
 
-@pytest.mark.parametrize("scheduler", sorted(TAKES_SIX_CHANNELS))
+@pytest.mark.parametrize("scheduler", sorted(READS_LEARNED_VARIANCE | SLICES_VARIANCE_FOR_EPSILON))
 def test_learned_variance_used_only_where_read(pipeline_components, monkeypatch, scheduler):
-    """Of the schedulers given 6 channels, shifting the variance ones changes DDPM's images (it samples with the
-    learned variance) and leaves DPM-Solver's bit-identical (it drops them itself). The others get 3 channels (test
-    above), so the variance cannot reach them."""
+    """Shifting the variance channels changes DDPM's images (it samples with the learned variance) and leaves
+    DPM-Solver's bit-identical (the noise channels alone reach it)."""
     pipe = _pipeline(pipeline_components, "IFPipeline", scheduler)
     baseline, _ = _run(pipe, "IFPipeline", SCHEDULERS[scheduler])
     forward = pipe.unet.forward
@@ -194,15 +195,44 @@ def test_learned_variance_used_only_where_read(pipeline_components, monkeypatch,
     assert torch.equal(baseline, shifted) is (scheduler not in READS_LEARNED_VARIANCE)
 
 
+@pytest.mark.parametrize("scheduler", sorted(SLICES_VARIANCE_FOR_EPSILON))
+def test_dpm_solver_images_match_diffusers_for_epsilon(pipeline_components, scheduler):
+    """For an epsilon UNet, giving DPM-Solver the noise channels instead of all 6 (as diffusers' `IFPipeline` does,
+    letting DPM-Solver slice them) changes nothing: the same images as diffusers' pipeline from the same weights."""
+    ours = _pipeline(pipeline_components, "IFPipeline", scheduler)
+    theirs = diffusers.IFPipeline(**pipeline_components("I"))
+    theirs.scheduler = _scheduler(scheduler, theirs.scheduler.config)
+    theirs.set_progress_bar_config(disable=True)
+    channels = _spy_step_channels(theirs)
+    call = {"prompt": PROMPT, "num_inference_steps": STEPS, "output_type": "pt"}
+    expected = theirs(generator=torch.Generator().manual_seed(0), **call).images
+    assert set(channels) == {6}
+    images = ours(generator=torch.Generator().manual_seed(0), **call).images
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheduler", sorted(SLICES_VARIANCE_FOR_EPSILON))
+def test_diffusers_dpm_solver_crashes_on_a_v_model(pipeline_components, scheduler):
+    """The v-prediction case of `test_scheduler_from_config_runs` is a real defect: DPM-Solver given a v model's
+    6 channels (as diffusers' IF pipelines pass them) fails, so that test exercises what it claims to."""
+    theirs = diffusers.IFPipeline(**pipeline_components("I"))
+    theirs.scheduler = _scheduler(scheduler, theirs.scheduler.config, prediction_type="v_prediction")
+    theirs.set_progress_bar_config(disable=True)
+    with pytest.raises(RuntimeError, match="size of tensor"):
+        theirs(prompt=PROMPT, num_inference_steps=2, output_type="pt")
+
+
 def test_takes_learned_variance_follows_the_schedulers_own_config():
-    """6 channels go only to a scheduler that declares `variance_type` itself and has a learned one: not to DDPM with
-    a fixed variance, nor to a DPM-Solver built without one, nor to DDIM that merely inherited the key."""
+    """6 channels go only to a scheduler that samples with a learned variance: not to DDPM with a fixed variance,
+    nor to DPM-Solver (which would drop them for epsilon and fail for v), nor to DDIM that merely inherited the
+    key."""
     learned = {"variance_type": "learned_range"}
     assert takes_learned_variance(DDPMScheduler(**learned))
     assert takes_learned_variance(DDPMScheduler(variance_type="learned"))
     assert not takes_learned_variance(DDPMScheduler(variance_type="fixed_small"))
-    assert takes_learned_variance(diffusers.DPMSolverMultistepScheduler(**learned))
-    assert not takes_learned_variance(diffusers.DPMSolverMultistepScheduler())
+    assert takes_learned_variance(diffusers.DDPMParallelScheduler(**learned))
+    assert not takes_learned_variance(diffusers.DPMSolverMultistepScheduler(**learned))
+    assert not takes_learned_variance(diffusers.SASolverScheduler(**learned))
     ddim = diffusers.DDIMScheduler.from_config(DDPMScheduler(**learned).config)
     assert ddim.config.get("variance_type") == "learned_range" and not takes_learned_variance(ddim)
 

@@ -43,15 +43,18 @@ def noising_scheduler(beta_schedule: str = "squaredcos_cap_v2", num_train_timest
 
 def takes_learned_variance(scheduler: SchedulerMixin) -> bool:
     """Whether `scheduler.step` takes the UNet's 6 channels `(B, 6, H, W)` (noise and learned variance) rather than
-    the noise alone `(B, 3, H, W)`.
+    the noise alone `(B, 3, H, W)`: only where it samples with the variance.
 
-    Only a scheduler whose own `__init__` declares `variance_type`, set to a learned one, takes them: DDPM reads the
-    variance, DPM-Solver and SA-Solver drop it themselves. `Cls.from_config(IF's DDPM config)` copies
+    That is a scheduler whose `_get_variance` reads a `predicted_variance` (DDPM, DDPM-Parallel, UnCLIP) and whose
+    own config sets a learned `variance_type`. `Cls.from_config(IF's DDPM config)` copies
     `variance_type="learned_range"` into every scheduler's config, also into those that never read it (DDIM, Euler,
-    UniPC, ...) and would fail on 6 channels, which is why diffusers' IF pipelines crash with them.
+    UniPC, ...) and would fail on 6 channels, which is why diffusers' IF pipelines crash with them. DPM-Solver and
+    SA-Solver slice the variance off themselves, but only for an epsilon model: given a v-prediction UNet's 6
+    channels they fail too, so they get the noise channels (for epsilon, the same images).
     """
-    declared = "variance_type" in inspect.signature(type(scheduler).__init__).parameters
-    return declared and scheduler.config.get("variance_type") in LEARNED_VARIANCE_TYPES
+    get_variance = getattr(type(scheduler), "_get_variance", None)
+    reads = get_variance is not None and "predicted_variance" in inspect.signature(get_variance).parameters
+    return reads and scheduler.config.get("variance_type") in LEARNED_VARIANCE_TYPES
 
 
 def set_schedule_precision(scheduler: SchedulerMixin, float64: bool) -> None:
