@@ -345,6 +345,18 @@ def test_failed_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine" and _leftovers(tmp_path) == []
 
 
+def test_atomic_folder_gets_the_permissions_of_a_plain_mkdir(tmp_path):
+    """Not `mkdtemp`'s owner-only 0o700: a converted or bundled folder on a shared machine stays readable by others,
+    as diffusers' own `save_pretrained` folders are."""
+    from if_diffusers.atomic_folder import atomic_folder
+
+    (tmp_path / "plain").mkdir()
+    with atomic_folder(tmp_path / "out") as staging:
+        (staging / "file.txt").write_text("x")
+    assert (tmp_path / "out").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    assert (tmp_path / "out" / "file.txt").read_text() == "x" and _leftovers(tmp_path) == []
+
+
 def test_tiny_original_checkpoint_script_then_verified_conversion(tmp_path):
     made = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "make_tiny_original_checkpoint.py"), "--output", str(tmp_path / "src"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,10 +25,12 @@ def check_writable_folder(path: str | Path, overwrite: bool, argument: str = "ou
 @contextlib.contextmanager
 def atomic_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` by renames, on failure it is removed
-    and `path` is left as it was."""
+    and `path` is left as it was. The folder gets the permissions `mkdir` gives under the umask (as a plain
+    `save_pretrained` folder), not `mkdtemp`'s owner-only 0o700."""
     path = check_writable_folder(path, overwrite).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    staging = path.parent / f".{path.name}.partial-{uuid.uuid4().hex}"
+    staging.mkdir()
     old = None
     try:
         yield staging
