@@ -1,10 +1,11 @@
 """Train the small demo IF cascade on the synthetic shapes with `if_diffusers.training`, then measure it.
 
 Stage I learns 32x32 images from the captions (predicting epsilon, as IF). Stage II, the x4 super-resolution UNet,
-predicts v: it learns 32x32 crops of 128x128 renderings from their 8x8 downsamples (`demo_cascade.
-SuperResolutionCrops`, colours jittered off the palette), then whole 128x128 renderings from their 32x32 downsamples
-(`train_on_whole_images`), and upsamples whole 32x32 images to 128x128. T5 is a tiny random encoder from a fixed
-seed (frozen). Everything is seeded: the same arguments give the same weights on one machine (measured: bitwise).
+predicts v: it learns 64x64 crops of 128x128 renderings from their 16x16 downsamples (`demo_cascade.
+SuperResolutionCrops`, colours jittered off the palette), and upsamples whole 32x32 images to 128x128 (on request it
+goes on to whole renderings, `--stage-2-whole-steps`, as the earlier releases did after 32x32 crops). T5 is a tiny
+random encoder from a fixed seed (frozen). Everything is seeded: the same arguments give the same weights on one
+machine (measured: bitwise).
 
     python scripts/train_demo_cascade.py --output demo-cascade --bundle   # what ships in the package
     python scripts/train_demo_cascade.py --output demo-cascade --evaluate-only   # scores of a trained folder
@@ -53,9 +54,9 @@ def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="working folder: checkpoints, stages, the cascade")
     parser.add_argument("--stage-1-steps", type=int, default=4000)
-    parser.add_argument("--stage-2-steps", type=int, default=1500, help="stage II's steps on crops")
+    parser.add_argument("--stage-2-steps", type=int, default=3000, help="stage II's steps on crops")
     parser.add_argument("--batch-size", type=int, default=32, help="stage I's")
-    parser.add_argument("--stage-2-batch-size", type=int, default=32, help="stage II's, on crops")
+    parser.add_argument("--stage-2-batch-size", type=int, default=8, help="stage II's, on crops")
     parser.add_argument("--stage-2-crop", type=int, default=SUPER_RESOLUTION_CROP,
                         help="side of stage II's training crops of its 128x128 targets (a multiple of 4; 128: whole images)")  # fmt: skip
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -63,8 +64,8 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="bf16",
                         help="both stages (bf16: 1.7x faster than float32 on a CPU with AMX or AVX512-BF16)")  # fmt: skip
     # The defaults reproduce the bundled model: stage I with Min-SNR 5 and offset noise 0.1; stage II predicting v,
-    # with augmentation levels below 350 (without which it learns to ignore its low-res input), on crops then on
-    # whole images (see the model card).
+    # with augmentation levels below 350 (without which it learns to ignore its low-res input), on 64x64 crops (see
+    # the model card).
     parser.add_argument("--snr-gamma", type=float, default=5.0, help="stage I's Min-SNR gamma (0: none)")
     parser.add_argument("--noise-offset", type=float, default=0.1, help="stage I's offset noise")
     parser.add_argument("--timestep-bias", type=float, nargs=2, default=(0.0, 1.0), metavar=("PORTION", "MULTIPLIER"),
@@ -78,8 +79,8 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="stage II's (with 'epsilon' its samples drift in colour; see the model card)")  # fmt: skip
     parser.add_argument("--stage-2-colour-jitter", type=float, default=0.1,
                         help="stage II's colour jitter of its training images (SuperResolutionCrops.colour_jitter; 0: none)")  # fmt: skip
-    parser.add_argument("--stage-2-whole-steps", type=int, default=600,
-                        help="stage II's steps on whole 128x128 images after its crop steps (0: none)")  # fmt: skip
+    parser.add_argument("--stage-2-whole-steps", type=int, default=0,
+                        help="stage II's steps on whole 128x128 images after its crop steps (0: none; 600 after 32x32 crops)")  # fmt: skip
     parser.add_argument("--stage-2-whole-batch-size", type=int, default=4)
     parser.add_argument("--stage-2-whole-learning-rate", type=float, default=2e-4)
     parser.add_argument("--stage-1", type=Path, default=None, metavar="FOLDER",
@@ -134,6 +135,7 @@ def train_on_whole_images(crop_trained: Path, output: Path, args) -> Path:
     each at this width), the UNet's one-step estimate of x_0 at t = 999 was 3.7x less accurate on whole images than
     on the same images cut into 32x32 tiles (see the model card); a few hundred whole-image steps adapt it. Crops stay
     the main phase: per step of the same cost they teach the super-resolution itself far faster than whole images.
+    After 64x64 crops (the default) the phase brings nothing measurable, and is off by default.
     """
     pipeline = IFSuperResolutionPipeline.from_pretrained(crop_trained)
     steps, batch = args.stage_2_whole_steps, args.stage_2_whole_batch_size

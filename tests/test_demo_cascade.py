@@ -165,7 +165,7 @@ def test_train_script_rejects_a_bad_stage_2_crop_before_training(train_script, t
 
 def test_train_script_gives_stage_2_its_own_crop_and_batch(train_script, tmp_path, monkeypatch):
     """`--stage-2-crop` / `--stage-2-batch-size` reach stage II's dataset and config; stage I keeps `--batch-size`;
-    the defaults are the bundled model's recipe (32x32 crops, batch 32)."""
+    the defaults are the bundled model's recipe (64x64 crops, batch 8, no whole-image phase)."""
     seen = {}
 
     def fake_train(config, unet, tokenizer, text_encoder, dataset, scheduler):
@@ -174,9 +174,11 @@ def test_train_script_gives_stage_2_its_own_crop_and_batch(train_script, tmp_pat
 
     monkeypatch.setattr(train_script, "train", fake_train)
     options = ["--output", str(tmp_path), "--stage-1-steps", "2", "--stage-2-steps", "3", "--batch-size", "5"]
-    for extra, crop, batch in (([], 32, 32), (["--stage-2-crop", "64", "--stage-2-batch-size", "8"], 64, 8)):
+    for extra, crop, batch in (([], 64, 8), (["--stage-2-crop", "32", "--stage-2-batch-size", "32"], 32, 32)):
         args = train_script.argument_parser().parse_args(options + extra)
         train_script.train_stage("I", 2, tmp_path, None, None, args)
         train_script.train_stage("II", 3, tmp_path, None, None, args)
         assert seen["I"] == (32, 5, 10, (32, 32))
         assert seen["II"] == (crop, batch, 3 * batch, (crop, crop))
+    defaults = train_script.argument_parser().parse_args(["--output", str(tmp_path)])
+    assert (defaults.stage_2_steps, defaults.stage_2_whole_steps) == (3000, 0)

@@ -94,8 +94,8 @@ def test_trained_stage_2_keeps_the_colours_of_clean_held_out_renderings(demo):
     stays close to the 128x128 renderings; with random weights it is far from them and places nothing."""
     trained = super_resolution_scores(demo, count=8)
     random = super_resolution_scores(random_weights_like(demo), count=8, timesteps=[999, 500])
-    # measured at level 100: colour 1.0, position 1.0, shape 0.75 (stars read as crosses), mae 0.014 (at IF's 250:
-    # 0.015; the sixth release's stage II, IF's 32 GroupNorm groups: mae 0.040)
+    # measured at level 100: colour 1.0, position 1.0, shape 1.0, mae 0.013 (the ninth release's stage II, 32x32
+    # crops: shape 0.75, stars read as crosses, mae 0.014; the sixth's, IF's 32 GroupNorm groups: mae 0.040)
     assert trained["colour"] >= 0.75 and trained["position"] >= 0.75 and trained["mae"] < 0.03, trained
     # Random weights with 8 GroupNorm groups let some of the input's hue through (measured colour 0.62 on these 8),
     # but not the picture: measured mae 0.45, position 0.12.

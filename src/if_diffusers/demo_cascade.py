@@ -51,7 +51,8 @@ RELATIVE_BIAS_STD = 3.0  # the tiny T5's relative-position biases (`demo_text_en
 TEXT_LAYERS = 1  # the tiny T5's depth (`demo_text_encoder`)
 STAGE_1_SIZE = 32
 STAGE_2_SIZE = 4 * STAGE_1_SIZE
-SUPER_RESOLUTION_CROP = 32  # stage II trains on crops of this side of its 128x128 targets
+SUPER_RESOLUTION_CROP = 64  # stage II trains on crops of this side of its 128x128 targets (a large shape is up to
+# 46 pixels across there: a 64x64 crop can hold it whole, a 32x32 one never; model card)
 # The original IF's params (as in `models.presets`), at a size a 2-core CPU trains in under an hour.
 STAGE_1_PARAMS: dict[str, Any] = {
     "image_size": STAGE_1_SIZE, "in_channels": 3, "model_channels": 32, "out_channels": 6, "num_res_blocks": 1,
@@ -169,9 +170,9 @@ class SuperResolutionCrops:
     of `(seed, index)` and a multiple of 4, so the crop's x4 downsample is a crop of the downsampled image.
 
     As Imagen trains its last super-resolution stage: the UNet is convolutional (its one attention reads the text
-    only), so it learns from crops at the scale it then upsamples whole images, at a sixteenth of the cost of 128x128
-    targets. `crop=size` gives whole images, which the demo's stage II ends its training on (GroupNorm statistics
-    differ between crops and whole images: `scripts/train_demo_cascade.py`).
+    only), so it learns from crops at the scale it then upsamples whole images, at a quarter of the cost of 128x128
+    targets (64x64 crops). `crop=size` gives whole images (`scripts/train_demo_cascade.py` can end stage II's
+    training on them: GroupNorm statistics differ between small crops and whole images).
 
     `colour_jitter` > 0 moves each image's colours off the palette: every channel `c` (in [0, 1]) becomes
     `clip(c + offset + gain (c - 1/2))` with `offset` and `gain` uniform on `[-colour_jitter, colour_jitter]`, drawn
