@@ -3,7 +3,9 @@ small T5 encoder and a T5 tokenizer trained on the spot. Everything is seeded; n
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -63,6 +65,14 @@ def _dynamic_modules_in_tmp(tmp_path_factory, monkeypatch):
 
     monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
     monkeypatch.setattr(sys, "path", list(sys.path))
+
+
+def load_script(name: str) -> ModuleType:
+    """`scripts/<name>.py` of the repository, imported as a module (the scripts are not part of the package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def original_unet(params: dict, seed: int = 0):

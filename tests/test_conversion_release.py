@@ -4,7 +4,6 @@ validation by reloading the folder and running one denoising step (library and c
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import re
 import shutil
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ORIGINAL_BASE, STAGE_II_CONFIGS, original_unet
+from conftest import ORIGINAL_BASE, STAGE_II_CONFIGS, load_script, original_unet
 from safetensors.torch import load_file, save_file
 
 from if_diffusers.conversion import (
@@ -46,12 +45,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location(
-        "convert_script", REPO / "scripts" / "convert_original_to_diffusers.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("convert_original_to_diffusers")
 
 
 @pytest.fixture

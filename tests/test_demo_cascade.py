@@ -3,14 +3,13 @@ measure, which must give a perfect generator full marks and a shapeless one chan
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import load_script
 
 from if_diffusers.demo_cascade import (
     SuperResolutionCrops,
@@ -146,11 +145,7 @@ def test_colour_jitter_moves_each_channel_by_one_affine_map_off_the_palette():
 @pytest.fixture(scope="module")
 def train_script():
     """`scripts/train_demo_cascade.py` as a module."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_cascade.py"
-    spec = importlib.util.spec_from_file_location("train_demo_cascade", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_demo_cascade")
 
 
 @pytest.mark.parametrize("crop", ["30", "0", "132"])

@@ -81,6 +81,14 @@ def _pipeline(pipeline_components, name: str = "IFPipeline", scheduler: str | No
     return pipe
 
 
+def _diffusers_twin(pipeline_components, scheduler: str, **overrides) -> diffusers.IFPipeline:
+    """diffusers' own stage-I `IFPipeline` on the same components, with `scheduler` swapped in as for ours."""
+    theirs = diffusers.IFPipeline(**pipeline_components("I"))
+    theirs.scheduler = _scheduler(scheduler, theirs.scheduler.config, **overrides)
+    theirs.set_progress_bar_config(disable=True)
+    return theirs
+
+
 def _image(seed: int, size: int) -> torch.Tensor:
     """`(1, 3, size, size)` in `[-0.9, 0.9]` (inside dynamic thresholding's range, so thresholding keeps it)."""
     return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 1.8 - 0.9
@@ -166,13 +174,16 @@ def test_scheduler_from_config_runs(pipeline_components, name, scheduler, predic
     assert set(channels) == {6 if scheduler in READS_LEARNED_VARIANCE else 3}
 
 
-@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "UniPCMultistepScheduler", "EulerDiscreteScheduler"])
-def test_diffusers_twin_crashes_where_ours_runs(pipeline_components, scheduler):
-    """The case above is the reported defect: diffusers' own `IFPipeline` fails on it (6 channels to a scheduler
-    that computes with 3), so the test above exercises what it claims to."""
-    theirs = diffusers.IFPipeline(**pipeline_components("I"))
-    theirs.scheduler = _scheduler(scheduler, theirs.scheduler.config)
-    theirs.set_progress_bar_config(disable=True)
+@pytest.mark.parametrize(
+    "scheduler, prediction_type",
+    [("DDIMScheduler", "epsilon"), ("UniPCMultistepScheduler", "epsilon"), ("EulerDiscreteScheduler", "epsilon")]
+    + [(name, "v_prediction") for name in sorted(SLICES_VARIANCE_FOR_EPSILON)],
+)
+def test_diffusers_twin_crashes_where_ours_runs(pipeline_components, scheduler, prediction_type):
+    """The cases above are real defects: diffusers' own `IFPipeline` fails on them (6 channels to a scheduler that
+    computes with 3; DPM-Solver slices them off for epsilon only, not for a v model), so the test above exercises
+    what it claims to."""
+    theirs = _diffusers_twin(pipeline_components, scheduler, prediction_type=prediction_type)
     with pytest.raises(RuntimeError, match="size of tensor"):
         theirs(prompt=PROMPT, num_inference_steps=2, output_type="pt")
 
@@ -200,26 +211,13 @@ def test_dpm_solver_images_match_diffusers_for_epsilon(pipeline_components, sche
     """For an epsilon UNet, giving DPM-Solver the noise channels instead of all 6 (as diffusers' `IFPipeline` does,
     letting DPM-Solver slice them) changes nothing: the same images as diffusers' pipeline from the same weights."""
     ours = _pipeline(pipeline_components, "IFPipeline", scheduler)
-    theirs = diffusers.IFPipeline(**pipeline_components("I"))
-    theirs.scheduler = _scheduler(scheduler, theirs.scheduler.config)
-    theirs.set_progress_bar_config(disable=True)
+    theirs = _diffusers_twin(pipeline_components, scheduler)
     channels = _spy_step_channels(theirs)
     call = {"prompt": PROMPT, "num_inference_steps": STEPS, "output_type": "pt"}
     expected = theirs(generator=torch.Generator().manual_seed(0), **call).images
     assert set(channels) == {6}
     images = ours(generator=torch.Generator().manual_seed(0), **call).images
     torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("scheduler", sorted(SLICES_VARIANCE_FOR_EPSILON))
-def test_diffusers_dpm_solver_crashes_on_a_v_model(pipeline_components, scheduler):
-    """The v-prediction case of `test_scheduler_from_config_runs` is a real defect: DPM-Solver given a v model's
-    6 channels (as diffusers' IF pipelines pass them) fails, so that test exercises what it claims to."""
-    theirs = diffusers.IFPipeline(**pipeline_components("I"))
-    theirs.scheduler = _scheduler(scheduler, theirs.scheduler.config, prediction_type="v_prediction")
-    theirs.set_progress_bar_config(disable=True)
-    with pytest.raises(RuntimeError, match="size of tensor"):
-        theirs(prompt=PROMPT, num_inference_steps=2, output_type="pt")
 
 
 def test_takes_learned_variance_follows_the_schedulers_own_config():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,13 +28,12 @@ def atomic_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     `save_pretrained` folder), not `mkdtemp`'s owner-only 0o700."""
     path = check_writable_folder(path, overwrite).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.partial-{uuid.uuid4().hex}"
-    staging.mkdir()
+    staging = _new_sibling(path, "partial")
     old = None
     try:
         yield staging
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            old = _new_sibling(path, "old")
             path.rename(old / path.name)
         staging.rename(path)
     except BaseException:
@@ -46,3 +44,10 @@ def atomic_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _new_sibling(path: Path, tag: str) -> Path:
+    """A new empty hidden folder `.NAME.TAG-<random>` beside `path`, made by `mkdir` under the umask."""
+    folder = path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex}"
+    folder.mkdir()
+    return folder
