@@ -3,7 +3,8 @@
 `analyse` reads an image the way `shapes.render` draws one, and must also read the noisy, blurry 32x32 and 128x128
 outputs of a small diffusion model, so every step is a robust statistic rather than an exact match:
 
-1. Work at 64x64 (box-downsampled), floats in [0, 1].
+1. Work at 64x64, floats in [0, 1]: larger images box-downsampled, smaller ones (stage I's 32x32) bicubic-
+   upsampled, so their antialiased edges give the regions below sub-pixel outlines rather than 2x2 staircases.
 2. Background: medians of the four border strips. Opposite strips that disagree mean a two-tone background split
    between them; the split's row/column is where the perpendicular borders switch colour. Pixels within
    `SPLIT_BAND` of it may be a mix of the two background colours.
@@ -13,7 +14,8 @@ outputs of a small diffusion model, so every step is a robust statistic rather t
    (an antialiased edge pixel is exactly `alpha f + (1 - alpha) b`); in the split band it is unmixed against both
    background colours. The region is the largest component with `alpha > 0.5`, which keeps areas unbiased.
 5. Colour: hue of the foreground colour, or brightness when it is unsaturated. Shape: nearest prototype in
-   (fill ratio = area / bounding box, solidity = area / convex hull). Position: centroid in a 3x3 grid.
+   (fill ratio = area / bounding box, solidity = area / convex hull), from the table measured at the image's
+   own size class (upsampled or not). Position: centroid in a 3x3 grid.
 """
 
 from __future__ import annotations
@@ -34,13 +36,24 @@ SPLIT_BAND = 2  # px either side of a split where background pixels may mix the 
 FOREGROUND_DISTANCE = 0.15  # RGB distance from the background (palette neighbours are >= 0.32 apart)
 ACHROMATIC_CHROMA = 0.2  # max - min of RGB below which a colour is judged white/black by its value
 # (fill ratio, solidity) of each shape, measured on clean 64px renderings (median over both sizes) when the sizes were
-# 0.09 / 0.145; at today's `shapes.SIZES` the medians are within 0.02 of these.
+# 0.09 / 0.145; at today's `shapes.SIZES` the medians are within 0.025 of these (the star's fill ratio is now 0.39).
+# For images of `WORK_SIZE` or more.
 SHAPE_PROTOTYPES: dict[str, tuple[float, float]] = {
     "circle": (0.78, 0.935),
     "square": (1.0, 1.0),
     "triangle": (0.555, 0.875),
     "star": (0.415, 0.57),
     "cross": (0.56, 0.73),
+}
+# The same for images smaller than `WORK_SIZE`, as read after their bicubic upsampling: medians over 600 clean 32px
+# renderings (both sizes). A 32px star (about 9 px across) keeps less of its points' concavity than at 64px (fill
+# 0.47, not 0.415): read with the table above, 11 of 300 clean 32px stars came out crosses.
+UPSAMPLED_SHAPE_PROTOTYPES: dict[str, tuple[float, float]] = {
+    "circle": (0.775, 0.944),
+    "square": (0.994, 0.997),
+    "triangle": (0.581, 0.896),
+    "star": (0.471, 0.633),
+    "cross": (0.57, 0.759),
 }
 
 
@@ -71,8 +84,8 @@ class _Background:
     band: np.ndarray
 
 
-def to_pixels(image: Image.Image | np.ndarray) -> np.ndarray:
-    """`(WORK_SIZE, WORK_SIZE, 3)` float64 in [0, 1] from a PIL image or an `(H, W, 3)` uint8 / [0, 1] float array."""
+def _rgb_image(image: Image.Image | np.ndarray) -> Image.Image:
+    """An RGB PIL image from a PIL image or an `(H, W, 3)` uint8 / [0, 1] float array."""
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"`image` has shape {image.shape}; expected (H, W, 3).")
@@ -80,9 +93,15 @@ def to_pixels(image: Image.Image | np.ndarray) -> np.ndarray:
         image = Image.fromarray(array)
     if not isinstance(image, Image.Image):
         raise TypeError(f"`image` is a {type(image).__name__}; expected a PIL image or a numpy array.")
-    image = image.convert("RGB")
+    return image.convert("RGB")
+
+
+def to_pixels(image: Image.Image | np.ndarray) -> np.ndarray:
+    """`(WORK_SIZE, WORK_SIZE, 3)` float64 in [0, 1] from a PIL image or an `(H, W, 3)` uint8 / [0, 1] float array."""
+    image = _rgb_image(image)
     if image.size != (WORK_SIZE, WORK_SIZE):
-        image = image.resize((WORK_SIZE, WORK_SIZE), Image.Resampling.BOX)
+        upsampling = min(image.size) < WORK_SIZE
+        image = image.resize((WORK_SIZE, WORK_SIZE), Image.Resampling.BICUBIC if upsampling else Image.Resampling.BOX)
     return np.asarray(image, dtype=np.float64) / 255.0
 
 
@@ -248,12 +267,11 @@ def name_colour(rgb: np.ndarray) -> str:
     return min(distances, key=distances.get)
 
 
-def name_shape(fill_ratio: float, solidity: float) -> str:
-    """Nearest `SHAPE_PROTOTYPES` entry in (fill ratio, solidity)."""
-    return min(
-        SHAPE_PROTOTYPES,
-        key=lambda s: np.hypot(fill_ratio - SHAPE_PROTOTYPES[s][0], solidity - SHAPE_PROTOTYPES[s][1]),
-    )
+def name_shape(fill_ratio: float, solidity: float,
+               prototypes: dict[str, tuple[float, float]] = SHAPE_PROTOTYPES) -> str:  # fmt: skip
+    """Nearest `prototypes` entry in (fill ratio, solidity): `SHAPE_PROTOTYPES` for images read at or above
+    `WORK_SIZE`, `UPSAMPLED_SHAPE_PROTOTYPES` for smaller ones."""
+    return min(prototypes, key=lambda s: np.hypot(fill_ratio - prototypes[s][0], solidity - prototypes[s][1]))
 
 
 def name_position(x: float, y: float) -> str:
@@ -275,6 +293,8 @@ def _foreground_colour(pixels: np.ndarray, background: _Background) -> np.ndarra
 
 def analyse(image: Image.Image | np.ndarray) -> Analysis:
     """Colour, shape and grid position of the largest non-background region of `image` (see the module docstring)."""
+    image = _rgb_image(image)
+    prototypes = UPSAMPLED_SHAPE_PROTOTYPES if min(image.size) < WORK_SIZE else SHAPE_PROTOTYPES
     pixels = to_pixels(image)
     background = estimate_background(pixels)
     colour = _foreground_colour(pixels, background)
@@ -288,7 +308,7 @@ def analyse(image: Image.Image | np.ndarray) -> Analysis:
     fill_ratio, solidity, corners = _region_geometry(region)
     return Analysis(
         colour=name_colour(colour),
-        shape=name_shape(fill_ratio, solidity),
+        shape=name_shape(fill_ratio, solidity, prototypes),
         position=name_position(x, y),
         rgb=tuple(float(c) for c in colour),
         centroid=(float(x), float(y)),
