@@ -72,6 +72,8 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="both stages: draw the noisiest PORTION of the steps MULTIPLIER times as often")  # fmt: skip
     parser.add_argument("--max-noise-level", type=int, default=350,
                         help="stage II: cap on the low-res augmentation level (TrainingConfig.max_noise_level; 1000: none)")  # fmt: skip
+    parser.add_argument("--stage-2-blur", type=float, default=0.0,
+                        help="stage II: largest blur of the low-res input, in 32x32 pixels (TrainingConfig.low_res_blur; 0: none)")  # fmt: skip
     parser.add_argument("--stage-2-snr-gamma", type=float, default=0.0, help="stage II's Min-SNR gamma (0: none)")
     parser.add_argument("--stage-2-noise-offset", type=float, default=0.0, help="stage II's offset noise")
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="epsilon", help="stage I's")
@@ -163,7 +165,7 @@ def train_stage(stage: str, steps: int, output: Path, tokenizer, text_encoder, a
         resolution, batch_size = args.stage_2_crop, args.stage_2_batch_size
         prediction_type = args.stage_2_prediction_type
         options = {"snr_gamma": args.stage_2_snr_gamma or None, "noise_offset": args.stage_2_noise_offset,
-                   "max_noise_level": args.max_noise_level}  # fmt: skip
+                   "max_noise_level": args.max_noise_level, "low_res_blur": args.stage_2_blur or None}  # fmt: skip
         dataset = SuperResolutionCrops(steps * batch_size, crop=resolution, colour_jitter=args.stage_2_colour_jitter)
     config = training_config(
         args, stage, output, f"stage_{stage}", resolution, steps, batch_size, args.learning_rate,

@@ -185,6 +185,22 @@ def test_max_noise_level_caps_the_augmentation_the_unet_sees(tiny_text):
     assert seen[0].max() < 300 and seen[1].max() >= 300, (seen[0].max(), seen[1].max())
 
 
+def test_low_res_blur_reaches_the_unets_low_res_channels():
+    """`diffusion_loss(max_blur=...)` (`TrainingConfig.low_res_blur`) feeds the UNet the blurred low-res input that
+    `super_resolution_inputs` draws from the same generator state."""
+    unet = tiny_unet("II").eval()
+    seen = []
+    unet.register_forward_pre_hook(lambda _, args, kwargs: seen.append(args[0][:, 3:]), with_kwargs=True)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    text = torch.zeros(4, 77, unet.config.encoder_hid_dim)
+    schedule, alphas = diffusion_schedule(denoising_scheduler("II")), noising_scheduler().alphas_cumprod
+    with torch.no_grad():
+        diffusion_loss(unet, images, text, torch.Generator().manual_seed(3), schedule, alphas, max_blur=1.0)
+    replay = torch.Generator().manual_seed(3)
+    sample_timesteps(4, replay, 1000), torch.randn(images.shape, generator=replay)  # the steps, the noise
+    torch.testing.assert_close(seen[0], super_resolution_inputs(images, alphas, replay, max_blur=1.0)[0])
+
+
 # --- exact resume -----------------------------------------------------------------------------------------------
 
 # The straight run's LR schedule. Its first two steps' rates do not depend on max_train_steps (warm-up from 0, then
@@ -407,9 +423,13 @@ def test_bad_run_inputs_raise_before_any_step(tiny_text, tmp_path):
     for field, value in [("stage", "III"), ("text_dropout", 1.5), ("train_batch_size", 0), ("lora_rank", 0),
                          ("mixed_precision", "fp8"), ("lr_scheduler", "cosine_with_restarts"), ("ema_decay", 1.0),
                          ("validation_steps", 2), ("snr_gamma", 0.0), ("noise_offset", -0.1), ("timestep_bias_portion", 2.0),
-                         ("timestep_bias_multiplier", 0.0), ("max_noise_level", 0), ("max_noise_level", 350)]:  # fmt: skip
+                         ("timestep_bias_multiplier", 0.0), ("max_noise_level", 0), ("max_noise_level", 350),
+                         ("low_res_blur", 0.5)]:  # fmt: skip
         with pytest.raises(ValueError, match=f"^{field}="):
             _config(tmp_path, **{field: value})
+    for blur in (0.0, 4.5):  # stage II, out of range (low-res pixels, at most MAX_BLUR)
+        with pytest.raises(ValueError, match=rf"^low_res_blur={blur}: expected a number in \(0.0, 4.0\]"):
+            _config(tmp_path, stage="II", resolution=32, low_res_blur=blur)
 
 
 # --- command line -------------------------------------------------------------------------------------------------

@@ -15,10 +15,12 @@ from conftest import tiny_unet
 from deepfloyd_if.model.respace import create_gaussian_diffusion
 from diffusers import DDPMScheduler
 
+from if_diffusers.guidance import noise_augment
 from if_diffusers.scheduling import denoising_scheduler, noising_scheduler
 from if_diffusers.training import (
     diffusion_schedule,
     downsample,
+    gaussian_blur,
     hybrid_loss,
     min_snr_weights,
     q_sample,
@@ -289,6 +291,44 @@ def test_super_resolution_inputs_cap_the_augmentation_level():
     with pytest.raises(ValueError, match="max_noise_level applies to drawn levels"):
         super_resolution_inputs(target[:2], alphas_cumprod, torch.Generator(), noise_level=torch.tensor([0, 1]),
                                 max_noise_level=350)  # fmt: skip
+
+
+def test_super_resolution_inputs_blur_the_low_res_image_after_the_same_draws():
+    """`max_blur` blurs the downsampled image by one standard deviation per sample, uniform on `[0, max_blur)` and
+    drawn after the levels and the noise, which stay those of the unblurred call; bad values raise naming it."""
+    alphas_cumprod = noising_scheduler().alphas_cumprod
+    target = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    plain, levels = super_resolution_inputs(target, alphas_cumprod, torch.Generator().manual_seed(1))
+    blurred, blurred_levels = super_resolution_inputs(target, alphas_cumprod, torch.Generator().manual_seed(1),
+                                                      max_blur=1.5)  # fmt: skip
+    replay = torch.Generator().manual_seed(1)
+    sample_timesteps(4, replay, 1000)
+    noise = torch.randn(target.shape, generator=replay)
+    sigma = torch.rand(4, generator=replay) * 1.5
+    low_res = F.interpolate(gaussian_blur(downsample(target), sigma), (32, 32), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(blurred, noise_augment(low_res, noise, levels, alphas_cumprod))
+    assert torch.equal(levels, blurred_levels) and (blurred - plain).abs().amax() > 0.05
+    for bad in (0, -1.0, 4.5, True, "1"):
+        with pytest.raises(ValueError, match=f"^max_blur={bad!r}"):
+            super_resolution_inputs(target, alphas_cumprod, torch.Generator(), max_blur=bad)
+
+
+def test_gaussian_blur_is_a_normalised_gaussian_per_sample():
+    """An impulse blurred at sigma 1 is the outer product of the normalised 7-tap Gaussian; sigma 0 leaves an image
+    unchanged; each sample of a batch gets its own sigma; a wrong sigma shape raises."""
+    impulse = torch.zeros(1, 1, 15, 15)
+    impulse[..., 7, 7] = 1.0
+    taps = torch.exp(-0.5 * torch.arange(-3.0, 4.0) ** 2)
+    taps /= taps.sum()
+    blurred = gaussian_blur(impulse, torch.tensor([1.0]))
+    torch.testing.assert_close(blurred[0, 0, 4:11, 4:11], taps[:, None] * taps[None, :])
+    assert torch.equal(gaussian_blur(impulse, torch.tensor([0.0])), impulse)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    both = gaussian_blur(images, torch.tensor([0.5, 2.0]))
+    torch.testing.assert_close(both[1:], gaussian_blur(images[1:], torch.tensor([2.0])))
+    torch.testing.assert_close(both[:1], gaussian_blur(images[:1], torch.tensor([0.5])), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="sigma has shape"):
+        gaussian_blur(images, torch.tensor([1.0]))
 
 
 def test_super_resolution_inputs_reject_bad_inputs():

@@ -23,7 +23,7 @@ _NUMBERS = {"train_batch_size": int, "max_train_steps": int, "learning_rate": fl
             "text_dropout": float, "lora_rank": int, "max_sequence_length": int, "dataloader_num_workers": int,
             "lr_warmup_steps": int, "adam_weight_decay": float, "max_grad_norm": float,
             "snr_gamma": float, "noise_offset": float, "timestep_bias_portion": float,
-            "timestep_bias_multiplier": float, "max_noise_level": int}  # fmt: skip
+            "timestep_bias_multiplier": float, "max_noise_level": int, "low_res_blur": float}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

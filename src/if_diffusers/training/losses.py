@@ -364,10 +364,12 @@ def super_resolution_inputs(
     noise_level: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     max_noise_level: int | None = None,
+    max_blur: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The low-res conditioning of a super-resolution training step: `target` downsampled by `scale`, upsampled back
     bilinearly with `align_corners=True` and diffused to a uniform random level per sample; as the original
-    `SuperResUNetModel.forward` does in training (`aug_level=None`: `aug_steps` uniform on `[0, 1000)`).
+    `SuperResUNetModel.forward` does in training (`aug_level=None`: `aug_steps` uniform on `[0, 1000)`). With
+    `max_blur`, the downsampled image is first blurred per sample (`gaussian_blur`).
 
     Args:
         target: `(B, 3, H, W)` high-res images in `[-1, 1]`.
@@ -377,6 +379,10 @@ def super_resolution_inputs(
         noise_level: `(B,)` integer levels in `[0, N)`; noise: `(B, 3, H, W)` standard normal.
         max_noise_level: draw `noise_level` on `[0, max_noise_level)` (at most N) instead of `[0, N)`, as the Stable
             Diffusion x4 upscaler trains; None: the original's whole range (the same draws as before the option).
+        max_blur: blur the downsampled image with a Gaussian of standard deviation uniform on `[0, max_blur)`
+            low-res pixels per sample, drawn from `generator` after `noise` (the conditioning augmentation of
+            Cascaded Diffusion Models, Ho et al. 2021: the model learns to sharpen soft inputs, such as a base
+            stage's samples, rather than copy them); None: no blur, no draw.
     Returns: the augmented upsampled image `(B, 3, H, W)` (the UNet's channels 3:6, as
         `IFSuperResUNet2DConditionModel(low_res_image=downsample(target), ...)` builds them) and `noise_level` `(B,)`
         (its `class_labels`).
@@ -398,5 +404,32 @@ def super_resolution_inputs(
         noise = randn_tensor(target.shape, generator=generator, device=target.device, dtype=target.dtype)
     if noise.shape != target.shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected target's {tuple(target.shape)}")
-    upsampled = F.interpolate(downsample(target, scale), target.shape[-2:], mode="bilinear", align_corners=True)
+    low_res = downsample(target, scale)
+    if max_blur is not None:
+        if isinstance(max_blur, bool) or not isinstance(max_blur, (int, float)) or not 0 < max_blur <= MAX_BLUR:
+            raise ValueError(f"max_blur={max_blur!r}: expected a number in (0, {MAX_BLUR}] (low-res pixels) or None")
+        sigma = torch.rand(batch, generator=generator, device=generator.device) * max_blur
+        low_res = gaussian_blur(low_res, sigma.to(target.device))
+    upsampled = F.interpolate(low_res, target.shape[-2:], mode="bilinear", align_corners=True)
     return noise_augment(upsampled, noise, noise_level, alphas_cumprod), noise_level
+
+
+MAX_BLUR = 4.0  # low-res pixels: `gaussian_blur`'s kernel reaches 3 sigma, 25 taps at most
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """`(B, C, H, W)` images, each blurred by a separable Gaussian of its own standard deviation `sigma` `(B,)` in
+    pixels (0: unchanged), over `3 * max(sigma)` pixels each side with reflected borders; same shape and dtype."""
+    if sigma.shape != images.shape[:1]:
+        raise ValueError(f"sigma has shape {tuple(sigma.shape)}; expected ({images.shape[0]},)")
+    batch, channels, height, width = images.shape
+    radius = min(max(1, math.ceil(3 * float(sigma.max()))), min(height, width) - 1)
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=torch.float32)
+    spread = sigma.float().clamp(min=1e-3)[:, None]
+    taps = torch.exp(-0.5 * (offsets / spread) ** 2)
+    taps = (taps / taps.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0).to(images.dtype)  # (B*C, K)
+    groups = batch * channels
+    flat = images.reshape(1, groups, height, width)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), taps[:, None, None, :], groups=groups)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), taps[:, None, :, None], groups=groups)
+    return flat.reshape(images.shape)

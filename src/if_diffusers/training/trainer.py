@@ -53,6 +53,7 @@ from .data import (
     to_training_tensor,
 )
 from .losses import (
+    MAX_BLUR,
     DiffusionSchedule,
     diffusion_schedule,
     downsample,
@@ -115,6 +116,10 @@ class TrainingConfig:
             stage III in practice). A small super-resolution UNet trained on the whole range learns to ignore its
             low-res input early on (half of the draws leave it mostly noise); sampling uses levels well inside the
             cap (IF's stage II default is 250). None (IF's objective): the whole schedule.
+        low_res_blur: stage II only: blur each downsampled low-res input with a Gaussian of standard deviation
+            uniform on `[0, low_res_blur)` low-res pixels (`super_resolution_inputs`' `max_blur`; Cascaded
+            Diffusion Models' conditioning augmentation), so that the UNet learns to sharpen soft inputs such as
+            stage I's samples. None (IF's objective): no blur.
         lora_rank: train a LoRA of this rank on `LORA_TARGET_MODULES` instead of all weights; None: full fine-tuning.
         max_sequence_length: T5 tokens per caption (77, as IF was trained).
         embedding_cache_dir: folder caching the T5 embeddings of the captions across runs; None: no cache.
@@ -144,6 +149,7 @@ class TrainingConfig:
     timestep_bias_portion: float = 0.0
     timestep_bias_multiplier: float = 1.0
     max_noise_level: int | None = None
+    low_res_blur: float | None = None
     lora_rank: int | None = None
     max_sequence_length: int = 77
     embedding_cache_dir: str | Path | None = None
@@ -185,8 +191,11 @@ class TrainingConfig:
             _check_number("snr_gamma", self.snr_gamma, low=0.0, low_open=True)
         if self.max_grad_norm is not None:
             _check_number("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
-        if self.stage != "II" and self.max_noise_level is not None:
-            raise ValueError(f"max_noise_level={self.max_noise_level}: only stage II augments a low-res input")
+        for name in ("max_noise_level", "low_res_blur"):
+            if self.stage != "II" and getattr(self, name) is not None:
+                raise ValueError(f"{name}={getattr(self, name)}: only stage II augments a low-res input")
+        if self.low_res_blur is not None:
+            _check_number("low_res_blur", self.low_res_blur, low=0.0, high=MAX_BLUR, low_open=True)
         if self.stage == "II" and self.resolution % SUPER_RESOLUTION_SCALE:
             raise ValueError(f"resolution={self.resolution}: stage II needs a multiple of {SUPER_RESOLUTION_SCALE}")
         if not isinstance(self.validation_prompts, list) or not all(
@@ -234,6 +243,7 @@ def diffusion_loss(
     noise_offset: float = 0.0,
     timestep_bias: tuple[float, float] = (0.0, 1.0),
     max_noise_level: int | None = None,
+    max_blur: float | None = None,
 ) -> torch.Tensor:
     """`(B,)` hybrid loss of `unet` on `images` `(B, 3, H, W)` in `[-1, 1]` with T5 `text_embeddings` `(B, L, D)`,
     drawing timesteps, noise and (super-resolution, when `augmentation_alphas_cumprod` is given) the low-res
@@ -241,8 +251,8 @@ def diffusion_loss(
     `snr_gamma`, the epsilon (or v) term is weighted by `min_snr_weights` (the variance term is left as it is). With
     `noise_offset` > 0, the noise gets a constant per sample and channel, `noise_offset * N(0, 1)` (drawn after the
     noise; see `TrainingConfig.noise_offset`). `timestep_bias` is `(bias_portion, bias_multiplier)` of
-    `sample_timesteps` (default: uniform). `max_noise_level` caps the augmentation level (`super_resolution_inputs`;
-    default: the whole schedule)."""
+    `sample_timesteps` (default: uniform). `max_noise_level` caps the augmentation level and `max_blur` blurs the
+    low-res input (`super_resolution_inputs`; default: the whole schedule, no blur)."""
     timesteps = sample_timesteps(images.shape[0], generator, schedule.num_timesteps, *timestep_bias)
     timesteps = timesteps.to(images.device)
     noise = randn_tensor(images.shape, generator=generator, device=images.device, dtype=images.dtype)
@@ -252,7 +262,7 @@ def diffusion_loss(
     model_input, class_labels = q_sample(images, noise, timesteps, schedule), None
     if augmentation_alphas_cumprod is not None:
         low_res, class_labels = super_resolution_inputs(images, augmentation_alphas_cumprod, generator,
-                                                        max_noise_level=max_noise_level)  # fmt: skip
+                                                        max_noise_level=max_noise_level, max_blur=max_blur)  # fmt: skip
         model_input = torch.cat([model_input, low_res], dim=1)  # noisy (B, 3, H, W) + low-res (B, 3, H, W) -> 6
     output = unet(model_input, timesteps, encoder_hidden_states=text_embeddings, class_labels=class_labels).sample
     loss, terms = hybrid_loss(output.float(), images, noise, timesteps, schedule)
@@ -467,7 +477,7 @@ class _Run:
             loss = diffusion_loss(self.model, images, text, generator, self.schedule, self.augmentation,
                                   config.snr_gamma, config.noise_offset,
                                   (config.timestep_bias_portion, config.timestep_bias_multiplier),
-                                  config.max_noise_level).mean()  # fmt: skip
+                                  config.max_noise_level, config.low_res_blur).mean()  # fmt: skip
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and config.max_grad_norm is not None:
                 self.accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
