@@ -6,7 +6,7 @@ weights: the analyser's accuracies on images generated from held-out captions, a
     python scripts/benchmark_demo_cascade.py --model demo-cascade/cascade --count 128
 
 Prints JSON: {"trained": {"stage_1": {"colour", "shape", "position", "all"}, "stage_2": {...}, "seconds"},
-"random weights": {...}, "ratios": trained / random for colour and shape at each stage, "stage_2_alone": {"trained":
+"random weights": {...}, "ratios": trained / random for colour and shape at each stage (`chance_ratios`), "stage_2_alone": {"trained":
 {"colour", "shape", "position", "all", "mae"}, "random weights": {...}} (`demo_cascade.super_resolution_scores`, 16
 renderings)}.
 """
@@ -42,15 +42,22 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.model or bundled_model_path()
     cascade = IFCascadePipeline.from_pretrained(folder, torch_dtype=torch.float32)
     scores = benchmark_scores(cascade, args.count)
-    scores["ratios"] = {
-        stage: {key: round(scores["trained"][stage][key] / max(scores["random weights"][stage][key], 1e-9), 2)
-                for key in ("colour", "shape")}
-        for stage in ("stage_1", "stage_2")
-    }  # fmt: skip
+    scores["ratios"] = chance_ratios(scores, args.count)
     scores["stage_2_alone"] = {"trained": super_resolution_scores(cascade),
                                "random weights": super_resolution_scores(random_weights_like(cascade))}  # fmt: skip
     print(json.dumps({"model": str(folder), "count": args.count, "sampling": QUALITY_CALL, **scores}, indent=2))
     return 0
+
+
+def chance_ratios(scores: dict, count: int) -> dict[str, dict[str, float]]:
+    """Trained over random-weight accuracy, for colour and shape at each stage, from `benchmark_scores`' result on
+    `count` captions. A random score of 0 counts as one caption in `count` (1 / count), so that ratio is a lower bound
+    rather than a division by zero."""
+    return {
+        stage: {key: round(scores["trained"][stage][key] / max(scores["random weights"][stage][key], 1 / count), 2)
+                for key in ("colour", "shape")}
+        for stage in ("stage_1", "stage_2")
+    }  # fmt: skip
 
 
 if __name__ == "__main__":
