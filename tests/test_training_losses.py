@@ -342,6 +342,9 @@ def test_super_resolution_inputs_reject_bad_inputs():
         super_resolution_inputs(torch.zeros(2, 3, 10, 10), alphas_cumprod, torch.Generator())
     with pytest.raises(TypeError, match="generator"):
         super_resolution_inputs(torch.zeros(2, 3, 8, 8), alphas_cumprod)
+    with pytest.raises(TypeError, match="generator"):  # the blur is drawn even when the level and noise are given
+        super_resolution_inputs(torch.zeros(2, 3, 8, 8), alphas_cumprod, noise_level=torch.tensor([0, 1]),
+                                noise=torch.zeros(2, 3, 8, 8), max_blur=1.0)  # fmt: skip
 
 
 def test_min_snr_weights_clamp_the_signal_to_noise_ratio_at_gamma(schedule):

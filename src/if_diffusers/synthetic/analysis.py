@@ -96,12 +96,17 @@ def _rgb_image(image: Image.Image | np.ndarray) -> Image.Image:
     return image.convert("RGB")
 
 
+def _upsampled(image: Image.Image) -> bool:
+    """Whether `to_pixels` upsamples `image` (bicubically) rather than box-downsampling or keeping it."""
+    return min(image.size) < WORK_SIZE
+
+
 def to_pixels(image: Image.Image | np.ndarray) -> np.ndarray:
     """`(WORK_SIZE, WORK_SIZE, 3)` float64 in [0, 1] from a PIL image or an `(H, W, 3)` uint8 / [0, 1] float array."""
     image = _rgb_image(image)
     if image.size != (WORK_SIZE, WORK_SIZE):
-        upsampling = min(image.size) < WORK_SIZE
-        image = image.resize((WORK_SIZE, WORK_SIZE), Image.Resampling.BICUBIC if upsampling else Image.Resampling.BOX)
+        resample = Image.Resampling.BICUBIC if _upsampled(image) else Image.Resampling.BOX
+        image = image.resize((WORK_SIZE, WORK_SIZE), resample)
     return np.asarray(image, dtype=np.float64) / 255.0
 
 
@@ -294,7 +299,7 @@ def _foreground_colour(pixels: np.ndarray, background: _Background) -> np.ndarra
 def analyse(image: Image.Image | np.ndarray) -> Analysis:
     """Colour, shape and grid position of the largest non-background region of `image` (see the module docstring)."""
     image = _rgb_image(image)
-    prototypes = UPSAMPLED_SHAPE_PROTOTYPES if min(image.size) < WORK_SIZE else SHAPE_PROTOTYPES
+    prototypes = UPSAMPLED_SHAPE_PROTOTYPES if _upsampled(image) else SHAPE_PROTOTYPES
     pixels = to_pixels(image)
     background = estimate_background(pixels)
     colour = _foreground_colour(pixels, background)

@@ -388,8 +388,12 @@ def super_resolution_inputs(
         (its `class_labels`).
     """
     _check_image("target", target)
-    if (noise_level is None or noise is None) and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator is {generator!r}; expected a torch.Generator to draw noise_level and noise")
+    if max_blur is not None and (
+        isinstance(max_blur, bool) or not isinstance(max_blur, (int, float)) or not 0 < max_blur <= MAX_BLUR
+    ):
+        raise ValueError(f"max_blur={max_blur!r}: expected a number in (0, {MAX_BLUR}] (low-res pixels) or None")
+    if (noise_level is None or noise is None or max_blur is not None) and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator is {generator!r}; expected a torch.Generator to draw noise_level, noise and blur")
     batch = target.shape[0]
     levels = alphas_cumprod.shape[0]
     if max_noise_level is not None:
@@ -406,8 +410,6 @@ def super_resolution_inputs(
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected target's {tuple(target.shape)}")
     low_res = downsample(target, scale)
     if max_blur is not None:
-        if isinstance(max_blur, bool) or not isinstance(max_blur, (int, float)) or not 0 < max_blur <= MAX_BLUR:
-            raise ValueError(f"max_blur={max_blur!r}: expected a number in (0, {MAX_BLUR}] (low-res pixels) or None")
         sigma = torch.rand(batch, generator=generator, device=generator.device) * max_blur
         low_res = gaussian_blur(low_res, sigma.to(target.device))
     upsampled = F.interpolate(low_res, target.shape[-2:], mode="bilinear", align_corners=True)
