@@ -85,7 +85,8 @@ class _Background:
 
 
 def _rgb_image(image: Image.Image | np.ndarray) -> Image.Image:
-    """An RGB PIL image from a PIL image or an `(H, W, 3)` uint8 / [0, 1] float array."""
+    """An RGB PIL image from a PIL image or an `(H, W, 3)` uint8 / [0, 1] float array (an RGB image as it is: the
+    callers only read it)."""
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"`image` has shape {image.shape}; expected (H, W, 3).")
@@ -93,7 +94,7 @@ def _rgb_image(image: Image.Image | np.ndarray) -> Image.Image:
         image = Image.fromarray(array)
     if not isinstance(image, Image.Image):
         raise TypeError(f"`image` is a {type(image).__name__}; expected a PIL image or a numpy array.")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _upsampled(image: Image.Image) -> bool:

@@ -37,6 +37,8 @@ from ..guidance import noise_augment
 from ..pipelines.cascade_inputs import resize
 from ..scheduling import PREDICTION_TYPES
 
+MAX_BLUR = 4.0  # low-res pixels: `gaussian_blur`'s kernel reaches 3 sigma, 25 taps at most
+
 _LOG_2 = math.log(2.0)
 
 
@@ -414,9 +416,6 @@ def super_resolution_inputs(
         low_res = gaussian_blur(low_res, sigma.to(target.device))
     upsampled = F.interpolate(low_res, target.shape[-2:], mode="bilinear", align_corners=True)
     return noise_augment(upsampled, noise, noise_level, alphas_cumprod), noise_level
-
-
-MAX_BLUR = 4.0  # low-res pixels: `gaussian_blur`'s kernel reaches 3 sigma, 25 taps at most
 
 
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
