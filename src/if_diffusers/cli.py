@@ -61,7 +61,7 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="denoising steps of every stage (default: the original's presets; "
                         "for the bundled demo model, the faster ones its quality is measured with)")  # fmt: skip
     parser.add_argument("--guidance", type=float, help="guidance scale of stages I and II (default: the original's; "
-                        "for the bundled demo model, stage I's 2 its quality is measured with)")  # fmt: skip
+                        "for the bundled demo model, stage I's 2 and stage II's 6 its quality is measured with)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=1, help="images to make (saved one by one and as a grid)")
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
