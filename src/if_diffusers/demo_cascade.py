@@ -251,8 +251,10 @@ def super_resolution_scores(cascade, count: int = 16, seed: int = DEMO_SEED, **c
     low_res = [target.resize((STAGE_1_SIZE, STAGE_1_SIZE), Image.BICUBIC) for target in targets]
     pipeline = IFSuperResolutionPipeline(**cascade._stage_components(2))  # the cascade's own stage II
     pipeline.set_progress_bar_config(disable=True)
-    call = {"timesteps": QUALITY_STEPS["stage_2_timesteps"], "noise_level": STAGE_2_NOISE_LEVEL,
-            "guidance_scale": STAGE_2_GUIDANCE_SCALE, **call}  # fmt: skip
+    presets = {
+        key.removeprefix("stage_2_"): value for key, value in QUALITY_CALL.items() if key.startswith("stage_2_")
+    }
+    call = {**presets, **call}  # timesteps, guidance_scale, noise_level
     images = pipeline(image=low_res, prompt=[r.caption for r in records],
                       generator=torch.Generator().manual_seed(seed), **call).images  # fmt: skip
     errors = [np.abs(np.asarray(image, np.float32) - np.asarray(target, np.float32)).mean() / 255
