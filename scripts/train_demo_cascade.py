@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         cascade = IFCascadePipeline.from_stages(IFPipeline.from_pretrained(stages[0]),
                                                 IFSuperResolutionPipeline.from_pretrained(stages[1]))  # fmt: skip
         cascade.to(torch.float16).save_pretrained(output / "cascade")
+        drop_local_paths(output / "cascade")
         if args.bundle:
             with atomic_folder(PACKAGE_MODEL, overwrite=True) as staging:
                 shutil.copytree(output / "cascade", staging, dirs_exist_ok=True)
@@ -126,6 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(scores, indent=2))
     (output / "scores.json").write_text(json.dumps(scores, indent=2))
     return 0
+
+
+def drop_local_paths(folder: Path) -> None:
+    """Remove `_name_or_path` (the folder each model was loaded from: this run's scratch paths) from the configs
+    under `folder`, so a saved or bundled cascade names no path of the machine that trained it."""
+    for config_file in folder.rglob("config.json"):
+        config = json.loads(config_file.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def train_on_whole_images(crop_trained: Path, output: Path, args) -> Path:

@@ -3,6 +3,7 @@ measure, which must give a perfect generator full marks and a shapeless one chan
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -177,3 +178,13 @@ def test_train_script_gives_stage_2_its_own_crop_and_batch(train_script, tmp_pat
         assert seen["II"] == (crop, batch, 3 * batch, (crop, crop))
     defaults = train_script.argument_parser().parse_args(["--output", str(tmp_path)])
     assert (defaults.stage_2_steps, defaults.stage_2_whole_steps) == (3000, 0)
+
+
+def test_train_script_drops_the_scratch_paths_from_the_saved_configs(train_script, tmp_path):
+    """The saved (and bundled) cascade's configs name no path of the training machine; nothing else changes."""
+    unet_folder = tmp_path / "cascade" / "stage_1_unet"
+    unet_folder.mkdir(parents=True)
+    config = {"_class_name": "IFUNet2DConditionModel", "_name_or_path": "/tmp/run/stage_I/pipeline/unet", "x": 1}
+    (unet_folder / "config.json").write_text(json.dumps(config))
+    train_script.drop_local_paths(tmp_path / "cascade")
+    assert json.loads((unet_folder / "config.json").read_text()) == {"_class_name": "IFUNet2DConditionModel", "x": 1}

@@ -66,6 +66,8 @@ def test_bundled_model_is_a_two_stage_cascade_of_the_plugin_unets_under_25_mb(de
     assert demo.stage_2_unet.config.only_cross_attention == [False, False, True, True]
     files = [path for path in bundled_model_path().rglob("*") if path.is_file()]
     assert sum(path.stat().st_size for path in files) < 25 * 2**20
+    # no scratch path of the training run (scripts/train_demo_cascade.py: drop_local_paths)
+    assert not [path for path in files if path.name == "config.json" and "_name_or_path" in path.read_text()]
 
 
 def test_bundled_unets_have_the_architectures_the_training_script_builds(demo):
