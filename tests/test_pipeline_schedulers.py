@@ -40,7 +40,8 @@ LOW_RES = 8  # stage II input; the stage II UNet works at 32x32
 # Scheduler -> inference steps for the stage-I / super-resolution runs. The ancestral ones need more: on IF's cosine
 # schedule sigma_max is 2e4, and with few steps diffusers' float32 `sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5`
 # cancels to a negative number (EulerAncestral at 4 steps) or its interpolated timesteps come out NaN
-# (KDPM2Ancestral below 10 steps): a diffusers precision issue on any pipeline, not one of ours.
+# (KDPM2Ancestral: at 10 steps, on some machines, its first `sigma_down` cancels to exactly 0, whose log makes the
+# interpolated sigma NaN; 16 steps leave it room): a diffusers precision issue on any pipeline, not one of ours.
 SCHEDULERS = {
     "DDPMScheduler": STEPS,
     "DDIMScheduler": STEPS,
@@ -53,7 +54,7 @@ SCHEDULERS = {
     "EulerAncestralDiscreteScheduler": 3,
     "HeunDiscreteScheduler": STEPS,
     "KDPM2DiscreteScheduler": STEPS,
-    "KDPM2AncestralDiscreteScheduler": 10,
+    "KDPM2AncestralDiscreteScheduler": 16,
     "LMSDiscreteScheduler": STEPS,
     "PNDMScheduler": STEPS,
 }

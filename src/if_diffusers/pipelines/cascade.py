@@ -273,7 +273,8 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
                 `stage_N_num_inference_steps` instead takes evenly spaced DDPM steps.
             stage_1_guidance_scale, stage_2_guidance_scale, stage_3_guidance_scale: guidance weights per stage.
             stage_1_strength, stage_2_strength: img2img / inpainting share of the timesteps run, in `(0, 1]` (1: the
-                whole preset, as the original, whose img2img presets already skip the noisiest timesteps).
+                whole preset, as the original, whose img2img presets already skip the noisiest timesteps); text-to-image
+                takes 1 only.
             stage_2_noise_level: augmentation of stage I's images, in `[0, 1000)` (the original's `aug_level * 1000`).
             stage_2_redraw_augmentation_noise: redraw that augmentation at every step, as the original does.
             stage_3_prompt: stage III's text when `prompt` is not given as text (default: `prompt`).
@@ -307,6 +308,13 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
             guidance_scale=1.0,  # each stage's guidance is checked below
         )  # fmt: skip
         img2img = mode != "text2img"
+        if not img2img:
+            for name, strength in (("stage_1_strength", stage_1_strength), ("stage_2_strength", stage_2_strength)):
+                if strength != 1.0:
+                    raise ValueError(
+                        f"{name}={strength!r}: strength applies to img2img and inpainting (with image); text-to-image "
+                        "runs every stage from noise, so leave it at 1.0"
+                    )
         for stage, pipeline, guidance, steps, strength in ((1, stage_1, guidance_1, steps_1, stage_1_strength),
                                                            (2, stage_2, guidance_2, steps_2, stage_2_strength)):  # fmt: skip
             with stage_arguments(stage):
