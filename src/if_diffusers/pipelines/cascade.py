@@ -308,13 +308,6 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
             guidance_scale=1.0,  # each stage's guidance is checked below
         )  # fmt: skip
         img2img = mode != "text2img"
-        if not img2img:
-            for name, strength in (("stage_1_strength", stage_1_strength), ("stage_2_strength", stage_2_strength)):
-                if strength != 1.0:
-                    raise ValueError(
-                        f"{name}={strength!r}: strength applies to img2img and inpainting (with image); text-to-image "
-                        "runs every stage from noise, so leave it at 1.0"
-                    )
         for stage, pipeline, guidance, steps, strength in ((1, stage_1, guidance_1, steps_1, stage_1_strength),
                                                            (2, stage_2, guidance_2, steps_2, stage_2_strength)):  # fmt: skip
             with stage_arguments(stage):
@@ -323,6 +316,9 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
                                     guidance_scale=guidance)  # fmt: skip
                 if img2img:
                     check_strength(strength)
+                elif strength != 1.0:
+                    raise ValueError(f"strength={strength!r} applies to img2img and inpainting (with image); "
+                                     "text-to-image runs every stage from noise: leave it at 1.0")  # fmt: skip
                 check_timesteps(pipeline.scheduler, steps.get("num_inference_steps"), steps.get("timesteps"),
                                 strength if img2img else None)  # fmt: skip
                 if stage == 2:
