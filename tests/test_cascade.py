@@ -332,6 +332,7 @@ def test_from_stages_and_constructor_reject_misfits(pipeline_components, tiny_up
         (dict(image=_source(), stage_2_strength=0.0), r"stage 2 \(the stage_2_\* arguments\): strength=0.0"),
         (dict(stage_1_strength=0.5), r"stage 1 \(the stage_1_\* arguments\): strength=0.5 applies to img2img and"),
         (dict(stage_2_strength=0.8), r"stage 2 \(the stage_2_\* arguments\): strength=0.8 .*text-to-image runs"),
+        (dict(stage_1_strength=True), r"stage 1 \(the stage_1_\* arguments\): strength=True applies to img2img"),
         (dict(stage_1_guidance_scale="high"), r"stage 1 .*guidance_scale='high'"),
         (dict(stage_2_noise_level=1000), r"stage 2 .*noise_level=1000"),
         (dict(stage_1_timesteps="smart100", stage_1_num_inference_steps=3), r"stage_1_timesteps and stage_1_num"),

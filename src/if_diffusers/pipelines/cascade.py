@@ -316,7 +316,7 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
                                     guidance_scale=guidance)  # fmt: skip
                 if img2img:
                     check_strength(strength)
-                elif strength != 1.0:
+                elif isinstance(strength, bool) or strength != 1.0:  # True == 1.0, but is no strength
                     raise ValueError(f"strength={strength!r} applies to img2img and inpainting (with image); "
                                      "text-to-image runs every stage from noise: leave it at 1.0")  # fmt: skip
                 check_timesteps(pipeline.scheduler, steps.get("num_inference_steps"), steps.get("timesteps"),
