@@ -109,10 +109,15 @@ def test_benchmark_ratios_count_a_random_score_of_zero_as_one_caption():
 def test_trained_stage_2_keeps_the_colours_of_clean_held_out_renderings(demo):
     """Stage II alone (`super_resolution_scores`, as the benchmark measures it on 16): upsampling the clean 32x32
     downsamples of 8 held-out captions' renderings x4 at its sampling defaults, it keeps their colours and places and
-    stays close to the 128x128 renderings; with random weights it is far from them and places nothing."""
+    stays close to the 128x128 renderings; with random weights (and no low-res consistency) it is far from them and
+    places nothing."""
     trained = super_resolution_scores(demo, count=8)
-    random = super_resolution_scores(random_weights_like(demo), count=8, timesteps=[999, 500])
-    # measured at level 100 and guidance 6: colour 1.0, position 1.0, shape 1.0, mae 0.015 (the ninth release's
+    # the random UNet without the low-res consistency, which would hand it its input's coarse content (the full
+    # benchmark with it: position 0.88, mae 0.18 on 16)
+    random = super_resolution_scores(random_weights_like(demo), count=8, timesteps=[999, 500],
+                                     low_res_consistency_factor=None)  # fmt: skip
+    # measured at level 100 and guidance 6, low-res consistency 4: colour, position, shape 1.0, mae 0.006 (without the
+    # consistency: mae 0.015; the ninth release's
     # stage II, 32x32 crops: shape 0.75, stars read as crosses, mae 0.014; the sixth's, IF's 32 groups: mae 0.040)
     assert trained["colour"] >= 0.75 and trained["position"] >= 0.75 and trained["mae"] < 0.03, trained
     # Random weights with 8 GroupNorm groups let some of the input's hue through at guidance 4 (measured colour 0.62
@@ -135,9 +140,9 @@ def test_unknown_words_are_named_and_warned_about(tmp_path, capsys):
         (["--steps", "3"], {"stage_1_num_inference_steps": 3, "stage_2_num_inference_steps": 3,
                             "stage_1_guidance_scale": demo_cascade.STAGE_1_GUIDANCE_SCALE,
                             "stage_2_guidance_scale": demo_cascade.STAGE_2_GUIDANCE_SCALE,
-                            "stage_2_noise_level": demo_cascade.STAGE_2_NOISE_LEVEL}),
+                            **demo_cascade.QUALITY_STAGE_2}),
         (["--guidance", "5"], {**demo_cascade.QUALITY_STEPS, "stage_1_guidance_scale": 5.0,
-                               "stage_2_guidance_scale": 5.0, "stage_2_noise_level": demo_cascade.STAGE_2_NOISE_LEVEL}),
+                               "stage_2_guidance_scale": 5.0, **demo_cascade.QUALITY_STAGE_2}),
     ],
 )  # fmt: skip
 def test_generate_samples_the_bundled_model_at_the_presets_its_scores_are_measured_with(monkeypatch, arguments,
@@ -155,6 +160,7 @@ def test_generate_samples_the_bundled_model_at_the_presets_its_scores_are_measur
     assert main(["generate", README_PROMPT, "--device", "cpu", *arguments]) == 1
     assert {key: value for key, value in calls[0].items() if key.startswith("stage_")} == expected
     assert demo_cascade.QUALITY_CALL["stage_2_noise_level"] == 100
+    assert demo_cascade.QUALITY_CALL["stage_2_low_res_consistency_factor"] == 4
     assert demo_cascade.QUALITY_CALL["stage_1_guidance_scale"] == 2.0
     assert demo_cascade.QUALITY_CALL["stage_2_guidance_scale"] == 6.0
 

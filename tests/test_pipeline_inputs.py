@@ -274,6 +274,14 @@ def test_noise_level_outside_the_noising_schedule(guarded, name, noise_level):
     _rejects(guarded(name), message, **_call(name, noise_level=noise_level))
 
 
+@pytest.mark.parametrize("name", SUPER_RESOLUTION)
+@pytest.mark.parametrize("factor", [1, 3, 64, 2.0, True, "4"])
+def test_low_res_consistency_factor_must_divide_the_output(guarded, name, factor):
+    message = (f"low_res_consistency_factor={factor!r}: expected None or an int >= 2 dividing the output size "
+               "(32, 32)")  # fmt: skip
+    _rejects(guarded(name), message, **_call(name, low_res_consistency_factor=factor))
+
+
 @pytest.mark.parametrize(
     "size, message",
     [((0, 16), "height=0: the UNet takes positive multiples of 2 (one halving per downsampling level); nearest sizes "

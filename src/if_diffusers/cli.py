@@ -101,8 +101,7 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         if args.model is None and args.mode == "text2img":
             # the bundled model's presets, at which its scores are measured (--steps and --guidance replace theirs)
             presets = {**({} if steps else demo_cascade.QUALITY_STEPS),
-                       **({} if guidance else demo_cascade.QUALITY_GUIDANCE),
-                       "stage_2_noise_level": demo_cascade.STAGE_2_NOISE_LEVEL}  # fmt: skip
+                       **({} if guidance else demo_cascade.QUALITY_GUIDANCE), **demo_cascade.QUALITY_STAGE_2}  # fmt: skip
         if not pipeline.has_stage_3:
             steps.pop("stage_3_num_inference_steps", None)
         output = pipeline(

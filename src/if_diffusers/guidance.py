@@ -4,6 +4,7 @@ randomness (noise is an argument), no host synchronisation."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def noise_augment(
@@ -51,3 +52,16 @@ def inpaint_blend(previous: torch.Tensor, updated: torch.Tensor, mask: torch.Ten
     """Keep known pixels (mask 0) from the previous sample, take the new one where the mask is 1; as the original's
     `p_sample(inpainting_mask=...)`: `(1 - m) * x_t + m * x_{t-1}`."""
     return (1 - mask) * previous + mask * updated
+
+
+def low_pass(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """The content of `images` `(B, C, H, W)` coarser than `factor` pixels: area-downsampled by `factor` (which
+    divides `H` and `W`), then upsampled bicubically back to `(B, C, H, W)` (ILVR's `phi_N`)."""
+    return F.interpolate(F.avg_pool2d(images, factor), images.shape[-2:], mode="bicubic", align_corners=False)
+
+
+def low_res_consistency(images: torch.Tensor, reference: torch.Tensor, factor: int) -> torch.Tensor:
+    """ILVR's refinement (Choi et al. 2021, eq. 6): `images` `(B, 3, H, W)` with their content coarser than `factor`
+    pixels replaced by `reference`'s (same shape, diffused to the same step as `images` by the caller):
+    `x - phi_N(x) + phi_N(y)`. Finer detail is left to the sampler."""
+    return images - low_pass(images, factor) + low_pass(reference, factor)

@@ -20,7 +20,7 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import deprecate, logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..guidance import classifier_free_guidance, inpaint_blend
+from ..guidance import classifier_free_guidance, inpaint_blend, low_res_consistency
 from ..image_processing import (
     check_size,
     size_multiple,
@@ -174,9 +174,12 @@ class IFPipelineBase(HubLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoade
         return size
 
     def _add_low_res(self, conditioning: Conditioning, low_res: torch.Tensor, size: tuple[int, int],
-                     num_images_per_prompt: int, noise_level: int, generator, redraw: bool) -> Conditioning:  # fmt: skip
+                     num_images_per_prompt: int, noise_level: int, generator, redraw: bool,
+                     consistency_factor: int | None = None) -> Conditioning:  # fmt: skip
         """Upsample the low-res image to the output size (bilinear, align_corners=True, as the original) and
-        noise-augment it at `noise_level`, once (diffusers) or at every step (`redraw`, the original)."""
+        noise-augment it at `noise_level`, once (diffusers) or at every step (`redraw`, the original). With
+        `consistency_factor`, also keep its clean bicubic upsample, which the denoising holds the samples' coarse
+        content to."""
         batch = conditioning.prompt_embeds.shape[0] // conditioning.copies
         low_res = self._per_image(low_res, batch // num_images_per_prompt, num_images_per_prompt,
                                   conditioning.prompt_embeds.device, self.unet.dtype)  # fmt: skip
@@ -187,6 +190,9 @@ class IFPipelineBase(HubLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoade
             upscaled = self.image_noising_scheduler.add_noise(upscaled, noise, timesteps=level)
         conditioning.upscaled, conditioning.noise_level = upscaled, torch.cat([level] * conditioning.copies)
         conditioning.redraw_augmentation, conditioning.generator = redraw, generator
+        if consistency_factor is not None:
+            reference = F.interpolate(low_res, size, mode="bicubic", align_corners=False).clamp(-1, 1)
+            conditioning.low_res_reference, conditioning.low_res_consistency_factor = reference, consistency_factor
         return conditioning
 
     def _step_kwargs(self, generator, eta: float) -> dict[str, Any]:
@@ -263,6 +269,8 @@ class IFPipelineBase(HubLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoade
                 if caps_lms_order:  # the count of derivatives is host-side: no sync
                     step_kwargs["order"] = min(len(self.scheduler.derivatives) + 1, LMS_ORDER)
                 images = self.scheduler.step(noise_pred, t, images, **step_kwargs, return_dict=False)[0]
+                if conditioning.low_res_reference is not None:
+                    images = self._held_to_low_res(images, conditioning, timesteps[i + 1 : i + 2])
                 if mask is not None:
                     images = inpaint_blend(previous, images, mask)
                 if callback_on_step_end is not None:
@@ -287,6 +295,16 @@ class IFPipelineBase(HubLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoade
             low_res.shape, generator=conditioning.generator, device=low_res.device, dtype=low_res.dtype
         )
         return self.image_noising_scheduler.add_noise(low_res, noise, conditioning.noise_level)
+
+    def _held_to_low_res(self, images: torch.Tensor, conditioning: Conditioning, next_t: torch.Tensor) -> torch.Tensor:
+        """`images` `(B, 3, H, W)`, just stepped to `next_t` (`(1,)`, or empty after the last step), with their
+        coarse content replaced by the low-res reference's diffused to the same step (ILVR, Choi et al. 2021)."""
+        reference = conditioning.low_res_reference
+        if len(next_t):
+            noise = randn_tensor(reference.shape, generator=conditioning.generator, device=reference.device,
+                                 dtype=reference.dtype)  # fmt: skip
+            reference = self.scheduler.add_noise(reference, noise, next_t.repeat(reference.shape[0]))
+        return low_res_consistency(images, reference, conditioning.low_res_consistency_factor)
 
     @staticmethod
     def _legacy_callback(callback: Callable | None, callback_steps: int | None) -> None:

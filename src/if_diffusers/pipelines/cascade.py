@@ -40,7 +40,14 @@ from .cascade_inputs import (
     stage_steps,
 )
 from .cascade_stages import check_cascade_components, check_stage_configs, load_stage, read_stage_config
-from .checks import check_batch, check_common_inputs, check_noise_level, check_strength, check_timesteps
+from .checks import (
+    check_batch,
+    check_common_inputs,
+    check_low_res_consistency_factor,
+    check_noise_level,
+    check_strength,
+    check_timesteps,
+)
 from .conditioning import DEFAULT_MAX_SEQUENCE_LENGTH
 from .hub_layout import HubLayoutMixin
 from .output import (
@@ -242,6 +249,7 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
         stage_2_strength: float = 1.0,
         stage_2_noise_level: int | None = None,
         stage_2_redraw_augmentation_noise: bool = True,
+        stage_2_low_res_consistency_factor: int | None = None,
         stage_3_prompt: str | list[str] | None = None,
         stage_3_num_inference_steps: int = 75,
         stage_3_guidance_scale: float = 9.0,
@@ -277,6 +285,8 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
                 takes 1 only.
             stage_2_noise_level: augmentation of stage I's images, in `[0, 1000)` (the original's `aug_level * 1000`).
             stage_2_redraw_augmentation_noise: redraw that augmentation at every step, as the original does.
+            stage_2_low_res_consistency_factor: hold stage II's samples to stage I's images at this scale (ILVR;
+                `IFSuperResolutionPipeline.__call__`); `None`: off, as the original.
             stage_3_prompt: stage III's text when `prompt` is not given as text (default: `prompt`).
             stage_3_num_inference_steps, stage_3_noise_level (in `[0, 350]`): the x4 upscaler's settings.
             keep_unmasked_pixels: inpainting with stage III: paste `image`'s pixels outside the mask back into the
@@ -330,6 +340,8 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
         if source is not None:
             check_batch("image", source.shape[0], batch_size)
         sizes = stage_sizes(self.stage_1_unet, self.stage_2_unet, self.has_stage_3, source, height, width)
+        with stage_arguments(2):
+            check_low_res_consistency_factor(stage_2_low_res_consistency_factor, sizes[1])
         sources, masks = stage_images(source, mask_image, sizes, batch_size, num_images_per_prompt)
 
         # --- T5 once, for stages I and II ---
@@ -349,7 +361,8 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
         images_2 = stage_2(
             image=images_1, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=_if_guided(negative_prompt_embeds, guidance_2), guidance_scale=guidance_2,
-            noise_level=noise_level_2, redraw_augmentation_noise=stage_2_redraw_augmentation_noise, **steps_2,
+            noise_level=noise_level_2, redraw_augmentation_noise=stage_2_redraw_augmentation_noise,
+            low_res_consistency_factor=stage_2_low_res_consistency_factor, **steps_2,
             **mode_inputs(mode, sources[1], masks[1], stage_2_strength, original=True),
             **({} if img2img else {"height": sizes[1][0], "width": sizes[1][1]}), **shared,
         ).images  # fmt: skip

@@ -146,6 +146,17 @@ def check_noise_level(noise_level: int, image_noising_scheduler) -> None:
         raise ValueError(f"noise_level={noise_level!r}: expected an int in [0, {levels}) (image_noising_scheduler)")
 
 
+def check_low_res_consistency_factor(factor: int | None, size: tuple[int, int]) -> None:
+    """Super-resolution `low_res_consistency_factor`: `None` (off), or an int >= 2 dividing the output `size`."""
+    if factor is None:
+        return
+    if not _is_int(factor) or factor < 2 or size[0] % factor or size[1] % factor:
+        raise ValueError(
+            f"low_res_consistency_factor={factor!r}: expected None or an int >= 2 dividing the output size {size} "
+            "(4 holds a x4 stage's output to what its low-res input says)"
+        )
+
+
 def check_timesteps(scheduler, num_inference_steps: int, timesteps, strength: float | None = None) -> list[int] | None:
     """`timesteps` (a preset name, a section string or a list) or else `num_inference_steps`, checked before any
     model runs: the scheduler must take custom timesteps, and `strength` must keep at least one of them. Returns the

@@ -22,7 +22,9 @@ class Conditioning:
 
     `prompt_embeds` `(k * B, L, D)`; `pooled_text_embeds` the same shape when the pooled text differs (style
     transfer); super-resolution adds `upscaled` `(B, 3, H, W)` (clean, or augmented once), `noise_level` `(B,)`
-    and `redraw_augmentation` to redraw the augmentation noise (from `generator`) at every step as the original does.
+    and `redraw_augmentation` to redraw the augmentation noise (from `generator`) at every step as the original does;
+    with `low_res_consistency_factor`, `low_res_reference` `(B, 3, H, W)` is the clean low-res image upsampled
+    bicubically, whose coarse content every step keeps (`guidance.low_res_consistency`).
     """
 
     prompt_embeds: torch.Tensor
@@ -35,6 +37,8 @@ class Conditioning:
     redraw_augmentation: bool = False
     generator: torch.Generator | list[torch.Generator] | None = None
     cross_attention_kwargs: dict[str, Any] | None = None
+    low_res_reference: torch.Tensor | None = None
+    low_res_consistency_factor: int | None = None
 
 
 class PromptConditioningMixin:

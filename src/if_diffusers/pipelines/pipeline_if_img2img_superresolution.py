@@ -15,7 +15,13 @@ from transformers import CLIPImageProcessor, T5EncoderModel, T5Tokenizer
 
 from ..models import IFSuperResUNet2DConditionModel
 from .base import IFPipelineBase
-from .checks import check_common_inputs, check_noise_level, check_strength, check_timesteps
+from .checks import (
+    check_common_inputs,
+    check_low_res_consistency_factor,
+    check_noise_level,
+    check_strength,
+    check_timesteps,
+)
 from .conditioning import DEFAULT_MAX_SEQUENCE_LENGTH
 
 EXAMPLE_DOC_STRING = """
@@ -90,6 +96,7 @@ class IFImg2ImgSuperResolutionPipeline(IFPipelineBase):
         positive_prompt_embeds: torch.Tensor | None = None,
         positive_mixer: float = 0.5,
         redraw_augmentation_noise: bool = False,
+        low_res_consistency_factor: int | None = None,
         float64_schedule: bool = True,
     ):
         """Vary `original_image` at high resolution, guided by the low-res `image` and the prompt.
@@ -103,6 +110,11 @@ class IFImg2ImgSuperResolutionPipeline(IFPipelineBase):
                 `aug_level * 1000`).
             redraw_augmentation_noise: redraw the augmentation noise at every step and for each guidance half, as the
                 original does (off: noised once, as diffusers).
+            low_res_consistency_factor: after every step, replace the samples' content coarser than this many pixels
+                by that of `image` (upsampled bicubically, diffused to the step reached): ILVR (Choi et al. 2021),
+                which holds the output to its low-res input while the UNet draws the finer detail. 4 in a x4 stage
+                keeps what the input resolves, 2 also its bicubic interpolation one octave finer. `None` (default):
+                off, as the original and diffusers. An int >= 2 dividing the output size.
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps, timesteps
                 (presets "smart50", "super27", "super40", "super100", ...), guidance_scale, num_images_per_prompt,
                 eta, generator, output_type, return_dict, callback, callback_steps, clean_caption,
@@ -129,6 +141,7 @@ class IFImg2ImgSuperResolutionPipeline(IFPipelineBase):
         sample_size = self.unet.config.sample_size
         low_res = self._prepare_image(image, "image", batch_size)
         original = self._prepare_image(original_image, "original_image", batch_size, sample_size, unet_size=True)
+        check_low_res_consistency_factor(low_res_consistency_factor, tuple(original.shape[-2:]))
         device = self._execution_device
         conditioning = self._prepare_conditioning(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
@@ -145,7 +158,7 @@ class IFImg2ImgSuperResolutionPipeline(IFPipelineBase):
         images = self._noised_start(original, timesteps, generator)
         size = tuple(original.shape[-2:])
         conditioning = self._add_low_res(conditioning, low_res, size, num_images_per_prompt, noise_level, generator,
-                                         redraw_augmentation_noise)  # fmt: skip
+                                         redraw_augmentation_noise, low_res_consistency_factor)  # fmt: skip
 
         images = self._denoise(images, timesteps, conditioning, self._step_kwargs(generator, eta), callback_on_step_end,
                                callback_on_step_end_tensor_inputs, callback, callback_steps)  # fmt: skip
