@@ -141,7 +141,8 @@ class IFImg2ImgSuperResolutionPipeline(IFPipelineBase):
         sample_size = self.unet.config.sample_size
         low_res = self._prepare_image(image, "image", batch_size)
         original = self._prepare_image(original_image, "original_image", batch_size, sample_size, unet_size=True)
-        check_low_res_consistency_factor(low_res_consistency_factor, tuple(original.shape[-2:]))
+        size = tuple(original.shape[-2:])
+        check_low_res_consistency_factor(low_res_consistency_factor, size)
         device = self._execution_device
         conditioning = self._prepare_conditioning(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
@@ -156,7 +157,6 @@ class IFImg2ImgSuperResolutionPipeline(IFPipelineBase):
         )
         original = self._per_image(original, batch_size, num_images_per_prompt, device, dtype)
         images = self._noised_start(original, timesteps, generator)
-        size = tuple(original.shape[-2:])
         conditioning = self._add_low_res(conditioning, low_res, size, num_images_per_prompt, noise_level, generator,
                                          redraw_augmentation_noise, low_res_consistency_factor)  # fmt: skip
 

@@ -143,7 +143,8 @@ class IFInpaintingSuperResolutionPipeline(IFPipelineBase):
         sample_size = self.unet.config.sample_size
         low_res = self._prepare_image(image, "image", batch_size)
         original = self._prepare_image(original_image, "original_image", batch_size, sample_size, unet_size=True)
-        check_low_res_consistency_factor(low_res_consistency_factor, tuple(original.shape[-2:]))
+        size = tuple(original.shape[-2:])
+        check_low_res_consistency_factor(low_res_consistency_factor, size)
         mask = self._prepare_mask(mask_image, original, batch_size, resize_to=sample_size)
         device = self._execution_device
         conditioning = self._prepare_conditioning(
@@ -160,7 +161,6 @@ class IFInpaintingSuperResolutionPipeline(IFPipelineBase):
         original = self._per_image(original, batch_size, num_images_per_prompt, device, dtype)
         mask = self._per_image(mask, batch_size, num_images_per_prompt, device, dtype)
         images = self._noised_start(original, timesteps, generator, mask)
-        size = tuple(original.shape[-2:])
         conditioning = self._add_low_res(conditioning, low_res, size, num_images_per_prompt, noise_level, generator,
                                          redraw_augmentation_noise, low_res_consistency_factor)  # fmt: skip
 
