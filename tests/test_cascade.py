@@ -126,15 +126,17 @@ def test_cascade_equals_the_stage_pipelines_chained(cascade, pipeline_components
 
 
 def test_stage_2_low_res_consistency_factor_reaches_stage_ii(cascade, pipeline_components, tiny_upscaler):
-    """`stage_2_low_res_consistency_factor` gives stage II's own `low_res_consistency_factor` images, which differ
-    from those without it."""
+    """`stage_2_low_res_consistency_factor` and its late factor and timestep give stage II's own
+    `low_res_consistency_*` images, which differ from those without them."""
     call = dict(generator=torch.Generator().manual_seed(0), output_type="pt", **STEPS)
-    held = cascade(False)(PROMPTS, height=8, width=8, stage_2_low_res_consistency_factor=4, **call).images
+    late = dict(low_res_consistency_late_factor=2, low_res_consistency_late_timestep=500)
+    held = cascade(False)(PROMPTS, height=8, width=8, stage_2_low_res_consistency_factor=4,
+                          **{f"stage_2_{key}": value for key, value in late.items()}, **call).images  # fmt: skip
     stage_1, stage_2, _ = _stages(pipeline_components, tiny_upscaler, False)
     common = dict(prompt=PROMPTS, generator=torch.Generator().manual_seed(0), output_type="pt", num_inference_steps=2)
     first = stage_1(height=8, width=8, guidance_scale=7.0, **common).images
     second = stage_2(image=first, guidance_scale=4.0, noise_level=250, redraw_augmentation_noise=True,
-                     low_res_consistency_factor=4, **common).images  # fmt: skip
+                     low_res_consistency_factor=4, **late, **common).images  # fmt: skip
     torch.testing.assert_close(held, second, rtol=0, atol=0)
     call["generator"] = torch.Generator().manual_seed(0)
     assert (cascade(False)(PROMPTS, height=8, width=8, **call).images - held).abs().max() > 1e-2
@@ -351,6 +353,10 @@ def test_from_stages_and_constructor_reject_misfits(pipeline_components, tiny_up
         (dict(stage_1_guidance_scale="high"), r"stage 1 .*guidance_scale='high'"),
         (dict(stage_2_noise_level=1000), r"stage 2 .*noise_level=1000"),
         (dict(stage_2_low_res_consistency_factor=3), r"stage 2 .*low_res_consistency_factor=3: .*\(64, 64\)"),
+        (
+            dict(stage_2_low_res_consistency_factor=4, stage_2_low_res_consistency_late_factor=2),
+            r"stage 2 .*low_res_consistency_late_timestep=None and low_res_consistency_late_factor=2: expected both",
+        ),
         (dict(stage_1_timesteps="smart100", stage_1_num_inference_steps=3), r"stage_1_timesteps and stage_1_num"),
         (dict(stage_2_timesteps="fast9"), r"stage 2 .*fast9"),
         (dict(stage_3_noise_level=351), r"stage_3_noise_level=351: expected an int in \[0, 350\]"),

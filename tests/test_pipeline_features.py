@@ -27,6 +27,7 @@ from transformers import T5EncoderModel
 import if_diffusers
 from if_diffusers import IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
 from if_diffusers.guidance import classifier_free_guidance, low_pass, low_res_consistency
+from if_diffusers.pipelines.conditioning import LowResConsistency
 from if_diffusers.scheduling import denoising_scheduler
 from if_diffusers.text import clean_caption, preprocess_prompts
 
@@ -672,6 +673,35 @@ def test_low_res_consistency_holds_the_output_to_its_low_res_input(pipeline_comp
     errors = _block_error(held, low_res), _block_error(free, low_res)
     assert errors[0] < 0.04 < 0.25 < errors[1], errors
     assert (held - F.interpolate(low_res, 32, mode="bicubic")).abs().mean() > 0.1  # the UNet draws the detail
+
+
+def test_low_res_consistency_late_factor_applies_to_the_steps_that_end_below_its_timestep():
+    """`LowResConsistency.step_factors`: a step takes the late factor when the timestep it reaches (the next one, or
+    clean images after the last) is below the late timestep; without a late factor, the factor at every step."""
+    held = LowResConsistency(4, late_factor=2, late_timestep=300)
+    assert held.step_factors(torch.tensor([999, 500, 300, 299, 0])) == [4, 4, 2, 2, 2]
+    assert held.step_factors([999, 800]) == [4, 2]
+    assert LowResConsistency(4).step_factors(torch.tensor([999, 500, 0])) == [4, 4, 4]
+
+
+@pytest.mark.parametrize("name", STAGE_II)
+def test_low_res_consistency_late_factor_changes_the_scale_of_the_late_steps(pipeline_components, name):
+    """A late factor from timestep 999 (every step ends below it) gives the images of that factor throughout; one
+    equal to the factor changes nothing; one from timestep 200 (8 steps, 875 to 0: the last 3 steps of every
+    case, which runs 4 to 8) gives images unlike either factor's alone."""
+    pipeline = _pipeline(name, pipeline_components("II"))
+    extra = {"mask_image": torch.ones(1, 1, 32, 32)} if "Inpainting" in name else {}
+    extra["num_inference_steps"] = 8
+    held = {factor: _run(pipeline, name, low_res_consistency_factor=factor, **extra) for factor in (2, 4)}
+
+    def late(factor: int, timestep: int) -> torch.Tensor:
+        return _run(pipeline, name, low_res_consistency_factor=4, low_res_consistency_late_factor=factor,
+                    low_res_consistency_late_timestep=timestep, **extra)  # fmt: skip
+
+    assert torch.equal(late(2, 999), held[2])
+    assert torch.equal(late(4, 500), held[4])
+    switched = late(2, 200)
+    assert min((switched - held[2]).abs().max(), (switched - held[4]).abs().max()) > 1e-3
 
 
 def _original_default(module: str, argument: str):

@@ -282,6 +282,29 @@ def test_low_res_consistency_factor_must_divide_the_output(guarded, name, factor
     _rejects(guarded(name), message, **_call(name, low_res_consistency_factor=factor))
 
 
+@pytest.mark.parametrize("name", SUPER_RESOLUTION)
+@pytest.mark.parametrize(
+    "late, message",
+    [
+        (dict(low_res_consistency_late_factor=3, low_res_consistency_late_timestep=300),
+         "low_res_consistency_late_factor=3: expected None or an int >= 2 dividing the output size (32, 32)"),
+        (dict(low_res_consistency_late_factor=2, low_res_consistency_late_timestep=300,
+              low_res_consistency_factor=None),
+         "low_res_consistency_late_factor=2 was given with low_res_consistency_factor=None; expected a "
+         "low_res_consistency_factor for the steps before low_res_consistency_late_timestep"),
+        (dict(low_res_consistency_late_factor=2),
+         "low_res_consistency_late_timestep=None and low_res_consistency_late_factor=2: expected both"),
+        (dict(low_res_consistency_late_timestep=300),
+         "low_res_consistency_late_timestep=300 and low_res_consistency_late_factor=None: expected both"),
+        *[(dict(low_res_consistency_late_factor=2, low_res_consistency_late_timestep=timestep),
+           f"low_res_consistency_late_timestep={timestep!r}: expected an int in [1, 1000) (the scheduler's "
+           "num_train_timesteps)") for timestep in (0, 1000, 300.5, True, "300")],
+    ],
+)  # fmt: skip
+def test_low_res_consistency_late_factor_and_timestep(guarded, name, late, message):
+    _rejects(guarded(name), message, **_call(name, **{"low_res_consistency_factor": 4, **late}))
+
+
 @pytest.mark.parametrize(
     "size, message",
     [((0, 16), "height=0: the UNet takes positive multiples of 2 (one halving per downsampling level); nearest sizes "

@@ -30,8 +30,8 @@ from ..image_processing import (
 )
 from ..models.attention import restore_sdpa_processors
 from ..scheduling import set_schedule_precision, takes_learned_variance
-from .checks import check_batch
-from .conditioning import Conditioning, PromptConditioningMixin
+from .checks import check_batch, check_low_res_consistency
+from .conditioning import Conditioning, LowResConsistency, PromptConditioningMixin
 from .hub_layout import HubLayoutMixin
 from .output import (
     IFPipelineOutput,
@@ -175,11 +175,11 @@ class IFPipelineBase(HubLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoade
 
     def _add_low_res(self, conditioning: Conditioning, low_res: torch.Tensor, size: tuple[int, int],
                      num_images_per_prompt: int, noise_level: int, generator, redraw: bool,
-                     consistency_factor: int | None = None) -> Conditioning:  # fmt: skip
+                     consistency: LowResConsistency | None = None) -> Conditioning:  # fmt: skip
         """Upsample the low-res image to the output size (bilinear, align_corners=True, as the original) and
         noise-augment it at `noise_level`, once (diffusers) or at every step (`redraw`, the original). With
-        `consistency_factor`, also keep its clean bicubic upsample, which the denoising holds the samples' coarse
-        content to."""
+        `consistency`, also keep its clean bicubic upsample, which the denoising holds the samples' coarse content
+        to."""
         batch = conditioning.prompt_embeds.shape[0] // conditioning.copies
         low_res = self._per_image(low_res, batch // num_images_per_prompt, num_images_per_prompt,
                                   conditioning.prompt_embeds.device, self.unet.dtype)  # fmt: skip
@@ -190,10 +190,17 @@ class IFPipelineBase(HubLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoade
             upscaled = self.image_noising_scheduler.add_noise(upscaled, noise, timesteps=level)
         conditioning.upscaled, conditioning.noise_level = upscaled, torch.cat([level] * conditioning.copies)
         conditioning.redraw_augmentation, conditioning.generator = redraw, generator
-        if consistency_factor is not None:
+        if consistency is not None:
             reference = F.interpolate(low_res, size, mode="bicubic", align_corners=False).clamp(-1, 1)
-            conditioning.low_res_reference, conditioning.low_res_consistency_factor = reference, consistency_factor
+            conditioning.low_res_reference, conditioning.low_res_consistency = reference, consistency
         return conditioning
+
+    def _check_low_res_consistency(self, factor: int | None, late_factor: int | None, late_timestep: int | None,
+                                   size: tuple[int, int]) -> LowResConsistency | None:  # fmt: skip
+        """The `low_res_consistency_*` arguments checked for output `size` and this pipeline's scheduler
+        (`checks.check_low_res_consistency`)."""
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        return check_low_res_consistency(factor, late_factor, late_timestep, size, num_train_timesteps)
 
     def _step_kwargs(self, generator, eta: float) -> dict[str, Any]:
         parameters = inspect.signature(self.scheduler.step).parameters
@@ -242,6 +249,8 @@ class IFPipelineBase(HubLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoade
         if conditioning.redraw_augmentation:  # the schedule to the device now: its first copy inside the loop syncs
             noising = self.image_noising_scheduler
             noising.alphas_cumprod = noising.alphas_cumprod.to(images.device)
+        if conditioning.low_res_reference is not None:
+            consistency_factors = conditioning.low_res_consistency.step_factors(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress_bar, text_cache:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -270,7 +279,9 @@ class IFPipelineBase(HubLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoade
                     step_kwargs["order"] = min(len(self.scheduler.derivatives) + 1, LMS_ORDER)
                 images = self.scheduler.step(noise_pred, t, images, **step_kwargs, return_dict=False)[0]
                 if conditioning.low_res_reference is not None:
-                    images = self._held_to_low_res(images, conditioning, timesteps[i + 1 : i + 2])
+                    images = self._held_to_low_res(
+                        images, conditioning, timesteps[i + 1 : i + 2], consistency_factors[i]
+                    )
                 if mask is not None:
                     images = inpaint_blend(previous, images, mask)
                 if callback_on_step_end is not None:
@@ -296,15 +307,18 @@ class IFPipelineBase(HubLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoade
         )
         return self.image_noising_scheduler.add_noise(low_res, noise, conditioning.noise_level)
 
-    def _held_to_low_res(self, images: torch.Tensor, conditioning: Conditioning, next_t: torch.Tensor) -> torch.Tensor:
+    def _held_to_low_res(
+        self, images: torch.Tensor, conditioning: Conditioning, next_t: torch.Tensor, factor: int
+    ) -> torch.Tensor:
         """`images` `(B, 3, H, W)`, just stepped to `next_t` (`(1,)`, or empty after the last step), with their
-        coarse content replaced by the low-res reference's diffused to the same step (ILVR, Choi et al. 2021)."""
+        content coarser than `factor` pixels replaced by the low-res reference's diffused to the same step (ILVR,
+        Choi et al. 2021)."""
         reference = conditioning.low_res_reference
         if len(next_t):
             noise = randn_tensor(reference.shape, generator=conditioning.generator, device=reference.device,
                                  dtype=reference.dtype)  # fmt: skip
             reference = self.scheduler.add_noise(reference, noise, next_t.repeat(reference.shape[0]))
-        return low_res_consistency(images, reference, conditioning.low_res_consistency_factor)
+        return low_res_consistency(images, reference, factor)
 
     @staticmethod
     def _legacy_callback(callback: Callable | None, callback_steps: int | None) -> None:

@@ -43,7 +43,7 @@ from .cascade_stages import check_cascade_components, check_stage_configs, load_
 from .checks import (
     check_batch,
     check_common_inputs,
-    check_low_res_consistency_factor,
+    check_low_res_consistency,
     check_noise_level,
     check_strength,
     check_timesteps,
@@ -250,6 +250,8 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
         stage_2_noise_level: int | None = None,
         stage_2_redraw_augmentation_noise: bool = True,
         stage_2_low_res_consistency_factor: int | None = None,
+        stage_2_low_res_consistency_late_factor: int | None = None,
+        stage_2_low_res_consistency_late_timestep: int | None = None,
         stage_3_prompt: str | list[str] | None = None,
         stage_3_num_inference_steps: int = 75,
         stage_3_guidance_scale: float = 9.0,
@@ -287,6 +289,8 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
             stage_2_redraw_augmentation_noise: redraw that augmentation at every step, as the original does.
             stage_2_low_res_consistency_factor: hold stage II's samples to stage I's images at this scale (ILVR;
                 `IFSuperResolutionPipeline.__call__`); `None`: off, as the original.
+            stage_2_low_res_consistency_late_factor, stage_2_low_res_consistency_late_timestep: that scale instead
+                for stage II's steps that end below the timestep (`IFSuperResolutionPipeline.__call__`).
             stage_3_prompt: stage III's text when `prompt` is not given as text (default: `prompt`).
             stage_3_num_inference_steps, stage_3_noise_level (in `[0, 350]`): the x4 upscaler's settings.
             keep_unmasked_pixels: inpainting with stage III: paste `image`'s pixels outside the mask back into the
@@ -341,7 +345,9 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
             check_batch("image", source.shape[0], batch_size)
         sizes = stage_sizes(self.stage_1_unet, self.stage_2_unet, self.has_stage_3, source, height, width)
         with stage_arguments(2):
-            check_low_res_consistency_factor(stage_2_low_res_consistency_factor, sizes[1])
+            check_low_res_consistency(stage_2_low_res_consistency_factor, stage_2_low_res_consistency_late_factor,
+                                      stage_2_low_res_consistency_late_timestep, sizes[1],
+                                      self.stage_2_scheduler.config.num_train_timesteps)  # fmt: skip
         sources, masks = stage_images(source, mask_image, sizes, batch_size, num_images_per_prompt)
 
         # --- T5 once, for stages I and II ---
@@ -362,7 +368,9 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
             image=images_1, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=_if_guided(negative_prompt_embeds, guidance_2), guidance_scale=guidance_2,
             noise_level=noise_level_2, redraw_augmentation_noise=stage_2_redraw_augmentation_noise,
-            low_res_consistency_factor=stage_2_low_res_consistency_factor, **steps_2,
+            low_res_consistency_factor=stage_2_low_res_consistency_factor,
+            low_res_consistency_late_factor=stage_2_low_res_consistency_late_factor,
+            low_res_consistency_late_timestep=stage_2_low_res_consistency_late_timestep, **steps_2,
             **mode_inputs(mode, sources[1], masks[1], stage_2_strength, original=True),
             **({} if img2img else {"height": sizes[1][0], "width": sizes[1][1]}), **shared,
         ).images  # fmt: skip

@@ -11,6 +11,7 @@ from diffusers import PNDMScheduler
 
 from ..text import preprocess_prompts
 from ..timesteps import resolve_timesteps
+from .conditioning import LowResConsistency
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -146,15 +147,34 @@ def check_noise_level(noise_level: int, image_noising_scheduler) -> None:
         raise ValueError(f"noise_level={noise_level!r}: expected an int in [0, {levels}) (image_noising_scheduler)")
 
 
-def check_low_res_consistency_factor(factor: int | None, size: tuple[int, int]) -> None:
-    """Super-resolution `low_res_consistency_factor`: `None` (off), or an int >= 2 dividing the output `size`."""
-    if factor is None:
-        return
-    if not _is_int(factor) or factor < 2 or size[0] % factor or size[1] % factor:
+def check_low_res_consistency(factor: int | None, late_factor: int | None, late_timestep: int | None,
+                              size: tuple[int, int], num_train_timesteps: int) -> LowResConsistency | None:  # fmt: skip
+    """Super-resolution `low_res_consistency_factor` (`None`: off, or an int >= 2 dividing the output `size`),
+    `low_res_consistency_late_factor` (`None`, or such an int, with a factor) and `low_res_consistency_late_timestep`
+    (an int in `[1, num_train_timesteps)`, given with a late factor and only then). Returns them together, or `None`
+    when the consistency is off."""
+    for name, value in (("low_res_consistency_factor", factor), ("low_res_consistency_late_factor", late_factor)):
+        if value is not None and (not _is_int(value) or value < 2 or size[0] % value or size[1] % value):
+            raise ValueError(
+                f"{name}={value!r}: expected None or an int >= 2 dividing the output size {size} (4 holds a x4 "
+                "stage's output to what its low-res input says)"
+            )
+    if late_factor is not None and factor is None:
         raise ValueError(
-            f"low_res_consistency_factor={factor!r}: expected None or an int >= 2 dividing the output size {size} "
-            "(4 holds a x4 stage's output to what its low-res input says)"
+            f"low_res_consistency_late_factor={late_factor!r} was given with low_res_consistency_factor=None; expected "
+            "a low_res_consistency_factor for the steps before low_res_consistency_late_timestep"
         )
+    if (late_factor is None) != (late_timestep is None):
+        raise ValueError(
+            f"low_res_consistency_late_timestep={late_timestep!r} and low_res_consistency_late_factor="
+            f"{late_factor!r}: expected both (the late factor applies to the steps that end below that timestep) or neither"
+        )
+    if late_timestep is not None and (not _is_int(late_timestep) or not 1 <= late_timestep < num_train_timesteps):
+        raise ValueError(
+            f"low_res_consistency_late_timestep={late_timestep!r}: expected an int in [1, {num_train_timesteps}) "
+            "(the scheduler's num_train_timesteps)"
+        )
+    return None if factor is None else LowResConsistency(factor, late_factor, late_timestep)
 
 
 def check_timesteps(scheduler, num_inference_steps: int, timesteps, strength: float | None = None) -> list[int] | None:

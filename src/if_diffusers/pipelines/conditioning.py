@@ -23,7 +23,7 @@ class Conditioning:
     `prompt_embeds` `(k * B, L, D)`; `pooled_text_embeds` the same shape when the pooled text differs (style
     transfer); super-resolution adds `upscaled` `(B, 3, H, W)` (clean, or augmented once), `noise_level` `(B,)`
     and `redraw_augmentation` to redraw the augmentation noise (from `generator`) at every step as the original does;
-    with `low_res_consistency_factor`, `low_res_reference` `(B, 3, H, W)` is the clean low-res image upsampled
+    with `low_res_consistency`, `low_res_reference` `(B, 3, H, W)` is the clean low-res image upsampled
     bicubically, whose coarse content every step keeps (`guidance.low_res_consistency`).
     """
 
@@ -38,7 +38,27 @@ class Conditioning:
     generator: torch.Generator | list[torch.Generator] | None = None
     cross_attention_kwargs: dict[str, Any] | None = None
     low_res_reference: torch.Tensor | None = None
-    low_res_consistency_factor: int | None = None
+    low_res_consistency: LowResConsistency | None = None
+
+
+@dataclass(frozen=True)
+class LowResConsistency:
+    """A super-resolution pipeline's `low_res_consistency_*` arguments (checked by `checks.check_low_res_consistency`):
+    the scale in pixels, `factor`, coarser than which every step keeps the low-res input's content, and from
+    `late_timestep` on, `late_factor` instead."""
+
+    factor: int
+    late_factor: int | None = None
+    late_timestep: int | None = None
+
+    def step_factors(self, timesteps: torch.Tensor | list[int]) -> list[int]:
+        """The factor of each step over `timesteps` `(S,)`: `late_factor` for the steps that end below
+        `late_timestep` (at the next timestep, or at clean images after the last step), `factor` for the others.
+        Read once before the loop (one host copy of the timesteps, only with a late factor)."""
+        if self.late_factor is None:
+            return [self.factor] * len(timesteps)
+        reached = [int(t) for t in torch.as_tensor(timesteps).tolist()[1:]] + [-1]  # -1: clean, after the last step
+        return [self.late_factor if t < self.late_timestep else self.factor for t in reached]
 
 
 class PromptConditioningMixin:

@@ -17,7 +17,6 @@ from ..models import IFSuperResUNet2DConditionModel
 from .base import IFPipelineBase
 from .checks import (
     check_common_inputs,
-    check_low_res_consistency_factor,
     check_noise_level,
     check_strength,
     check_timesteps,
@@ -97,6 +96,8 @@ class IFImg2ImgSuperResolutionPipeline(IFPipelineBase):
         positive_mixer: float = 0.5,
         redraw_augmentation_noise: bool = False,
         low_res_consistency_factor: int | None = None,
+        low_res_consistency_late_factor: int | None = None,
+        low_res_consistency_late_timestep: int | None = None,
         float64_schedule: bool = True,
     ):
         """Vary `original_image` at high resolution, guided by the low-res `image` and the prompt.
@@ -115,6 +116,12 @@ class IFImg2ImgSuperResolutionPipeline(IFPipelineBase):
                 which holds the output to its low-res input while the UNet draws the finer detail. 4 in a x4 stage
                 keeps what the input resolves, 2 also its bicubic interpolation one octave finer. `None` (default):
                 off, as the original and diffusers. An int >= 2 dividing the output size.
+            low_res_consistency_late_factor, low_res_consistency_late_timestep: with `low_res_consistency_factor`,
+                the factor instead for the steps that end below this timestep (an int in `[1, num_train_timesteps)`),
+                where the UNet draws the finest detail. 4, then 2 below 300, holds a x4 stage's last edges to the
+                input's bicubic upsample: faint squares keep their corners, and fine points are rounded as the
+                upsample rounds them (the demo model card). Both or neither; `None` (default): the factor at every
+                step.
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps, timesteps
                 (presets "smart50", "super27", "super40", "super100", ...), guidance_scale, num_images_per_prompt,
                 eta, generator, output_type, return_dict, callback, callback_steps, clean_caption,
@@ -142,7 +149,8 @@ class IFImg2ImgSuperResolutionPipeline(IFPipelineBase):
         low_res = self._prepare_image(image, "image", batch_size)
         original = self._prepare_image(original_image, "original_image", batch_size, sample_size, unet_size=True)
         size = tuple(original.shape[-2:])
-        check_low_res_consistency_factor(low_res_consistency_factor, size)
+        consistency = self._check_low_res_consistency(low_res_consistency_factor, low_res_consistency_late_factor,
+                                                      low_res_consistency_late_timestep, size)  # fmt: skip
         device = self._execution_device
         conditioning = self._prepare_conditioning(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
@@ -158,7 +166,7 @@ class IFImg2ImgSuperResolutionPipeline(IFPipelineBase):
         original = self._per_image(original, batch_size, num_images_per_prompt, device, dtype)
         images = self._noised_start(original, timesteps, generator)
         conditioning = self._add_low_res(conditioning, low_res, size, num_images_per_prompt, noise_level, generator,
-                                         redraw_augmentation_noise, low_res_consistency_factor)  # fmt: skip
+                                         redraw_augmentation_noise, consistency)  # fmt: skip
 
         images = self._denoise(images, timesteps, conditioning, self._step_kwargs(generator, eta), callback_on_step_end,
                                callback_on_step_end_tensor_inputs, callback, callback_steps)  # fmt: skip
