@@ -43,7 +43,6 @@ from .cascade_stages import check_cascade_components, check_stage_configs, load_
 from .checks import (
     check_batch,
     check_common_inputs,
-    check_low_res_consistency,
     check_noise_level,
     check_strength,
     check_timesteps,
@@ -345,9 +344,9 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
             check_batch("image", source.shape[0], batch_size)
         sizes = stage_sizes(self.stage_1_unet, self.stage_2_unet, self.has_stage_3, source, height, width)
         with stage_arguments(2):
-            check_low_res_consistency(stage_2_low_res_consistency_factor, stage_2_low_res_consistency_late_factor,
-                                      stage_2_low_res_consistency_late_timestep, sizes[1],
-                                      self.stage_2_scheduler.config.num_train_timesteps)  # fmt: skip
+            stage_2._check_low_res_consistency(stage_2_low_res_consistency_factor,
+                                               stage_2_low_res_consistency_late_factor,
+                                               stage_2_low_res_consistency_late_timestep, sizes[1])  # fmt: skip
         sources, masks = stage_images(source, mask_image, sizes, batch_size, num_images_per_prompt)
 
         # --- T5 once, for stages I and II ---
