@@ -113,17 +113,8 @@ class IFInpaintingSuperResolutionPipeline(IFPipelineBase):
                 `aug_level * 1000`).
             redraw_augmentation_noise: redraw the augmentation noise at every step and for each guidance half, as the
                 original does (off: noised once, as diffusers).
-            low_res_consistency_factor: after every step, replace the samples' content coarser than this many pixels
-                by that of `image` (upsampled bicubically, diffused to the step reached): ILVR (Choi et al. 2021),
-                which holds the output to its low-res input while the UNet draws the finer detail. 4 in a x4 stage
-                keeps what the input resolves, 2 also its bicubic interpolation one octave finer. `None` (default):
-                off, as the original and diffusers. An int >= 2 dividing the output size.
-            low_res_consistency_late_factor, low_res_consistency_late_timestep: with `low_res_consistency_factor`,
-                the factor instead for the steps that end below this timestep (an int in `[1, num_train_timesteps)`),
-                where the UNet draws the finest detail. 4, then 2 below 300, holds a x4 stage's last edges to the
-                input's bicubic upsample: faint squares keep their corners, and fine points are rounded as the
-                upsample rounds them (the demo model card). Both or neither; `None` (default): the factor at every
-                step.
+            low_res_consistency_factor, low_res_consistency_late_factor, low_res_consistency_late_timestep: hold
+                the output to `image` at these scales (ILVR), as in `IFSuperResolutionPipeline.__call__`.
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps, timesteps
                 (presets "smart50", "super27", "super40", "super100", ...), guidance_scale, num_images_per_prompt,
                 eta, generator, output_type, return_dict, callback, callback_steps, clean_caption,
