@@ -56,7 +56,8 @@ def test_generate_errors_are_one_line(cascade_folder, tmp_path, capsys, argument
 
 
 @pytest.mark.parametrize("arguments", [["--mode", "img2img"], ["--mode", "inpaint", "--image", "a.png"],
-                                       ["--mask", "m.png"], ["--num-images", "0"]])  # fmt: skip
+                                       ["--mask", "m.png"], ["--num-images", "0"], ["--low-res-consistency", "1"],
+                                       ["--low-res-consistency", "-2"]])  # fmt: skip
 def test_generate_refuses_inconsistent_options(cascade_folder, arguments):
     with pytest.raises(SystemExit) as exit_:
         main(["generate", "a red circle", "--model", str(cascade_folder), *arguments])
@@ -67,3 +68,35 @@ def test_convert_validates_a_converted_folder(converted, capsys):
     _, folder = converted("base")
     assert main(["convert", "--output", str(folder), "--validate"]) == 0
     assert "validated:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value, factor", [("4", 4), ("0", None)])
+def test_generate_passes_the_low_res_consistency_to_stage_2(cascade_folder, tmp_path, monkeypatch, value, factor):
+    """--low-res-consistency N is stage II's `low_res_consistency_factor` (0: off), and nothing else is preset for a
+    model that is not the bundled one."""
+    calls = []
+
+    def record(self, prompt, **kwargs):
+        calls.append(kwargs)
+        raise ValueError("recorded")
+
+    monkeypatch.setattr(IFCascadePipeline, "__call__", record)
+    arguments = ["--model", str(cascade_folder), "--device", "cpu", "--low-res-consistency", value]
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "out.png"), *arguments]) == 1
+    assert {key: value for key, value in calls[0].items() if key.startswith("stage_")} == {
+        "stage_2_low_res_consistency_factor": factor
+    }
+
+
+def test_generate_reports_a_low_res_consistency_that_does_not_divide_stage_2s_size(cascade_folder, tmp_path, capsys):
+    """The factor is checked against stage II's output size (64 here) by the pipeline, before any model runs: one
+    error line after the loading progress bar, exit code 1."""
+    code = main(["generate", "a red circle", "-o", str(tmp_path / "out.png"), "--device", "cpu", "--model",
+                 str(cascade_folder), "--low-res-consistency", "3"])  # fmt: skip
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and "Traceback" not in err and len(errors) == 1 and err.rstrip().endswith(errors[0]), err
+    assert re.search(
+        r"stage 2.*low_res_consistency_factor=3: expected .*dividing the output size \(64, 64\)", errors[0]
+    )
+    assert not (tmp_path / "out.png").exists()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import PIL.Image
 import pytest
@@ -27,6 +28,7 @@ from if_diffusers.demo_cascade import (
     super_resolution_scores,
     unknown_words,
 )
+from if_diffusers.synthetic import shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 README_PROMPT = "a red circle on a blue background"
@@ -106,6 +108,54 @@ def test_benchmark_ratios_count_a_random_score_of_zero_as_one_caption():
     }
 
 
+class _RenderingCascade:
+    """Stands in for a cascade in `quality_scores`: records each call's captions and generator seed, and returns
+    the captions' clean renderings (32x32 for stage I, 128x128 after stage II)."""
+
+    def __init__(self, records):
+        self.by_caption = {record.caption: record for record in records}
+        self.calls = []
+
+    def __call__(self, captions, generator, return_intermediates, **call):
+        self.calls.append((captions, generator.initial_seed()))
+        records = [self.by_caption[caption] for caption in captions]
+        return SimpleNamespace(stage_1_images=[shapes.render(record, 32) for record in records],
+                               images=[shapes.render(record, 128) for record in records])  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_quality_scores_read_the_held_out_stream_of_their_seed(seed):
+    """The benchmark's captions are records 0..count-1 of held-out stream `seed`, one generator seed per batch
+    (`seed` + the batch's first record); clean renderings of them read right."""
+    records = [shapes.sample_record(i, seed, held_out=True) for i in range(20)]
+    cascade = _RenderingCascade(records)
+    scores = demo_cascade.quality_scores(cascade, count=20, seed=seed, batch_size=16)
+    assert cascade.calls == [([r.caption for r in records[:16]], seed), ([r.caption for r in records[16:]], seed + 16)]
+    assert scores["stage_1"]["colour"] == scores["stage_2"]["colour"] == 1.0, scores
+    assert min(scores["stage_1"]["shape"], scores["stage_2"]["shape"]) >= 0.9, scores
+    assert [r.caption for r in records] != [
+        shapes.sample_record(i, 1 - seed, held_out=True).caption for i in range(20)
+    ]
+
+
+def test_benchmark_scores_both_cascades_on_the_stream_of_their_seed(monkeypatch):
+    """`benchmark_scores` scores the trained cascade and its random-weight twin on the same held-out stream."""
+    seen = []
+    monkeypatch.setattr(demo_cascade, "random_weights_like", lambda cascade: SimpleNamespace(
+        name="random", set_progress_bar_config=lambda **kwargs: None))  # fmt: skip
+    monkeypatch.setattr(demo_cascade, "quality_scores", lambda pipeline, count, seed, **call: seen.append(
+        (pipeline.name, count, seed, call["stage_1_timesteps"])) or {})  # fmt: skip
+    trained = SimpleNamespace(name="trained", set_progress_bar_config=lambda **kwargs: None)
+    demo_cascade.benchmark_scores(trained, count=8, seed=3, stage_1_timesteps="smart27")
+    assert seen == [("trained", 8, 3, "smart27"), ("random", 8, 3, "smart27")]
+
+
+def test_benchmark_script_rejects_a_negative_seed_before_loading_a_model(capsys):
+    with pytest.raises(SystemExit):
+        load_script("benchmark_demo_cascade").main(["--seed", "-1", "--model", "/nonexistent"])
+    assert "--seed is -1; expected a non-negative int" in capsys.readouterr().err
+
+
 def test_trained_stage_2_keeps_the_colours_of_clean_held_out_renderings(demo):
     """Stage II alone (`super_resolution_scores`, as the benchmark measures it on 16): upsampling the clean 32x32
     downsamples of 8 held-out captions' renderings x4 at its sampling defaults, it keeps their colours and places and
@@ -143,13 +193,15 @@ def test_unknown_words_are_named_and_warned_about(tmp_path, capsys):
                             **demo_cascade.QUALITY_STAGE_2}),
         (["--guidance", "5"], {**demo_cascade.QUALITY_STEPS, "stage_1_guidance_scale": 5.0,
                                "stage_2_guidance_scale": 5.0, **demo_cascade.QUALITY_STAGE_2}),
+        (["--low-res-consistency", "2"], {**demo_cascade.QUALITY_CALL, "stage_2_low_res_consistency_factor": 2}),
+        (["--low-res-consistency", "0"], {**demo_cascade.QUALITY_CALL, "stage_2_low_res_consistency_factor": None}),
     ],
 )  # fmt: skip
 def test_generate_samples_the_bundled_model_at_the_presets_its_scores_are_measured_with(monkeypatch, arguments,
                                                                                          expected):  # fmt: skip
     """`if-diffusers generate` with the bundled model: the benchmark's steps, stage I's guidance 2 (not IF's 7),
-    stage II's 6 (not IF's 4) and its augmentation level 100 (not IF's 250); --steps replaces the steps only,
-    --guidance the guidance only."""
+    stage II's 6 (not IF's 4), its augmentation level 100 (not IF's 250) and its low-res consistency 4; --steps
+    replaces the steps only, --guidance the guidance only, --low-res-consistency the consistency only."""
     calls = []
 
     def record(self, prompt, **kwargs):

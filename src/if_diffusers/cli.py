@@ -62,6 +62,10 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
                         "for the bundled demo model, the faster ones its quality is measured with)")  # fmt: skip
     parser.add_argument("--guidance", type=float, help="guidance scale of stages I and II (default: the original's; "
                         "for the bundled demo model, stage I's 2 and stage II's 6 its quality is measured with)")  # fmt: skip
+    parser.add_argument("--low-res-consistency", type=int, metavar="N",
+                        help="stage II's low_res_consistency_factor: after each step, hold its samples' content coarser "
+                        "than N output pixels to stage I's images (ILVR; 0: off; default: off, or 4 for the bundled "
+                        "demo model, as its quality is measured)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=1, help="images to make (saved one by one and as a grid)")
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
@@ -82,6 +86,9 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         parser.error("--mask is for --mode inpaint")
     if args.num_images < 1 or (args.steps is not None and args.steps < 1):
         parser.error("--num-images and --steps must be positive")
+    if args.low_res_consistency is not None and (args.low_res_consistency < 0 or args.low_res_consistency == 1):
+        parser.error(f"--low-res-consistency is {args.low_res_consistency}; expected 0 (off) or an int >= 2 that "
+                     "divides stage II's output size")  # fmt: skip
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
     try:
@@ -102,6 +109,8 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
             # the bundled model's presets, at which its scores are measured (--steps and --guidance replace theirs)
             presets = {**({} if steps else demo_cascade.QUALITY_STEPS),
                        **({} if guidance else demo_cascade.QUALITY_GUIDANCE), **demo_cascade.QUALITY_STAGE_2}  # fmt: skip
+        if args.low_res_consistency is not None:  # replaces the bundled model's preset
+            presets["stage_2_low_res_consistency_factor"] = args.low_res_consistency or None
         if not pipeline.has_stage_3:
             steps.pop("stage_3_num_inference_steps", None)
         output = pipeline(
