@@ -4,7 +4,7 @@ weights: the analyser's accuracies on images generated from held-out captions, a
 
     python scripts/benchmark_demo_cascade.py                      # the model bundled in the package, 64 captions
     python scripts/benchmark_demo_cascade.py --model demo-cascade/cascade --count 128
-    python scripts/benchmark_demo_cascade.py --count 192 --seed 1  # 192 captions of another held-out stream
+    python scripts/benchmark_demo_cascade.py --count 256 --seed 1  # 256 captions of another held-out stream
 
 Stream 0's records 64-191 chose the demo's sampling presets (the model card's validation captions), so a count above
 64 at the default seed scores captions the presets were chosen on; other seeds' streams were used for nothing.
@@ -53,10 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     cascade = IFCascadePipeline.from_pretrained(folder, torch_dtype=torch.float32)
     scores = benchmark_scores(cascade, args.count, seed=args.seed)
     scores["ratios"] = chance_ratios(scores, args.count)
-    scores["stage_2_alone"] = {"trained": super_resolution_scores(cascade, seed=args.seed),
-                               "random weights": super_resolution_scores(random_weights_like(cascade), seed=args.seed)}  # fmt: skip
-    print(json.dumps({"model": str(folder), "count": args.count, "seed": args.seed, "sampling": QUALITY_CALL, **scores},
-                     indent=2))  # fmt: skip
+    scores["stage_2_alone"] = {
+        name: super_resolution_scores(pipeline, seed=args.seed)
+        for name, pipeline in (("trained", cascade), ("random weights", random_weights_like(cascade)))
+    }
+    run = {"model": str(folder), "count": args.count, "seed": args.seed, "sampling": QUALITY_CALL}
+    print(json.dumps({**run, **scores}, indent=2))
     return 0
 
 
