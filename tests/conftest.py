@@ -202,3 +202,17 @@ def tiny_upscaler():
                 low_res_scheduler=DDPMScheduler(**beta), scheduler=DDIMScheduler(**beta, clip_sample=False,
                                                                                   set_alpha_to_one=False,
                                                                                   prediction_type="v_prediction"))  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def cascade_folder(pipeline_components, tiny_upscaler, tmp_path_factory) -> Path:
+    """A saved IFCascadePipeline of the tiny stages I (16px), II (x4) and III (the tiny x4 upscaler): 256px images."""
+    from diffusers import StableDiffusionUpscalePipeline
+
+    from if_diffusers import IFCascadePipeline, IFPipeline, IFSuperResolutionPipeline
+
+    folder = tmp_path_factory.mktemp("cascade") / "cascade"
+    stages = (IFPipeline(**pipeline_components("I")), IFSuperResolutionPipeline(**pipeline_components("II")),
+              StableDiffusionUpscalePipeline(**tiny_upscaler))  # fmt: skip
+    IFCascadePipeline.from_stages(*stages).save_pretrained(folder)
+    return folder

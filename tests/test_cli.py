@@ -7,19 +7,13 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import PIL.Image
 import pytest
-from test_cascade import _stages
+import torch
 
 from if_diffusers import IFCascadePipeline
 from if_diffusers.cli import main
-
-
-@pytest.fixture(scope="module")
-def cascade_folder(pipeline_components, tiny_upscaler, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cli") / "cascade"
-    IFCascadePipeline.from_stages(*_stages(pipeline_components, tiny_upscaler)).save_pretrained(folder)
-    return folder
 
 
 def test_generate_writes_images_grid_and_intermediates(cascade_folder, tmp_path):
@@ -100,3 +94,72 @@ def test_generate_reports_a_low_res_consistency_that_does_not_divide_stage_2s_si
         r"stage 2.*low_res_consistency_factor=3: expected .*dividing the output size \(64, 64\)", errors[0]
     )
     assert not (tmp_path / "out.png").exists()
+
+
+@pytest.fixture
+def _refuse_loading(monkeypatch):
+    """A check that must come before any model loads: loading fails the test."""
+    from if_diffusers import generation_options
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(generation_options, "load_cascade", refuse)
+
+
+def _absent_device() -> str:
+    """A CUDA device this machine does not have: any on a machine without CUDA, else one past the last."""
+    return "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+
+
+@pytest.mark.parametrize(
+    "output, arguments, message",
+    [
+        ("result", [], r"--output '.*result': no image file extension ''; expected \.png.*result\.png"),
+        ("result.txt", [], r"--output '.*result\.txt': the unknown image file extension '\.txt'"),
+        ("a-file/sub/out.png", [], r"--output '.*a-file/sub/out\.png': cannot create a folder there, .*a-file is a file"),
+        ("out.png", ["--device", "{absent}"], r"--device cuda(:\d+)?: this machine has (no cuda device|\d+ cuda)"),
+        ("out.png", ["--device", "gpu"], r"--device 'gpu': not a device name; expected cpu, cuda"),
+    ],
+)  # fmt: skip
+def test_generate_refuses_an_output_or_device_it_cannot_use_before_loading(
+    cascade_folder, tmp_path, capsys, _refuse_loading, output, arguments, message
+):
+    (tmp_path / "a-file").write_text("a file where a folder would go")
+    arguments = [a.format(absent=_absent_device()) for a in arguments]
+    code = main(["generate", "a red circle", "-o", str(tmp_path / output), "--model", str(cascade_folder),
+                 *arguments])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_generate_refuses_a_guidance_that_is_not_finite_before_loading(cascade_folder, capsys, _refuse_loading,
+                                                                        value):  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "a red circle", "--model", str(cascade_folder), f"--guidance={value}"])
+    assert exit_.value.code == 2
+    assert f"--guidance {float(value)}: expected a finite number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "device", [["--device", "cpu"], []] if not torch.cuda.is_available() else [["--device", "cpu"]]
+)
+def test_generate_refuses_offload_without_an_accelerator(cascade_folder, tmp_path, capsys, _refuse_loading, device):
+    code = main(["generate", "a red circle", "-o", str(tmp_path / "o.png"), "--model", str(cascade_folder), *device,
+                 "--offload", "model"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "error: --offload model moves models" in err
+
+
+def test_image_k_of_generate_num_images_is_generate_with_seed_plus_k(cascade_folder, tmp_path):
+    """One generator per image, seeded --seed + k: the second of two images is the image of --seed + 1 alone."""
+    common = ["--model", str(cascade_folder), "--steps", "2", "--device", "cpu"]
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "two.png"), "--seed", "5", "--num-images", "2",
+                 *common]) == 0  # fmt: skip
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "one.png"), "--seed", "6", *common]) == 0
+    second, alone = (np.asarray(PIL.Image.open(tmp_path / name), dtype=int) for name in ("two-1.png", "one.png"))
+    assert np.abs(second - alone).max() <= 1  # batched arithmetic may round one level apart
+    first = np.asarray(PIL.Image.open(tmp_path / "two-0.png"), dtype=int)
+    assert np.abs(first - alone).max() > 10

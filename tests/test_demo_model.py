@@ -5,6 +5,7 @@ and it ships in the wheel, within its size budget."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,9 @@ from if_diffusers.synthetic import shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 README_PROMPT = "a red circle on a blue background"
+PROGRESS_BAR = re.compile(
+    r"^(\x1b\[A)?[^|]*\d+%\|.*\|.*\[[\d:<?]+, "
+)  # tqdm: "label: 57%|####  | 4/7 [00:00<00:00, ..."
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,10 @@ def test_readme_main_command_writes_the_cascade_image(tmp_path):
                "out.png"]  # fmt: skip
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert f"wrote {Path('out.png')}" in result.stdout and "unknown to it" not in result.stderr
+    assert result.stdout == f"wrote {Path('out.png')}\n" and "unknown to it" not in result.stderr
+    # nothing but progress bars on stderr: no deprecation or fallback warning the user cannot act on
+    lines = [line.strip() for line in re.split(r"[\r\n]", result.stderr) if line.strip()]
+    assert lines and all(PROGRESS_BAR.search(line) for line in lines), [l for l in lines if not PROGRESS_BAR.search(l)]
     with PIL.Image.open(tmp_path / "out.png") as image:
         assert image.size == (128, 128) and image.mode == "RGB"
 

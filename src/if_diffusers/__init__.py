@@ -1,5 +1,7 @@
 """DeepFloyd IF for diffusers: the original IF's UNets, stage pipelines and checkpoint conversion."""
 
+# first: settles what the installed transformers serves as CLIPImageProcessor before diffusers imports it
+from . import installed_versions  # noqa: F401, I001
 from .models import IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
 from .pipelines import (
     IFCascadePipeline,

@@ -110,9 +110,10 @@ def bundled_model_path() -> Path:
 def load_demo_cascade(torch_dtype: torch.dtype = torch.float32, **kwargs: Any):
     """`IFCascadePipeline.from_pretrained(bundled_model_path(), torch_dtype=torch_dtype, **kwargs)`: 32x32 at stage I,
     128x128 after stage II. Its weights are stored in float16; float32 (the default) suits CPUs."""
+    from .installed_versions import dtype_argument
     from .pipelines import IFCascadePipeline
 
-    return IFCascadePipeline.from_pretrained(bundled_model_path(), torch_dtype=torch_dtype, **kwargs)
+    return IFCascadePipeline.from_pretrained(bundled_model_path(), **dtype_argument(torch_dtype), **kwargs)
 
 
 def unknown_words(prompt: str) -> list[str]:

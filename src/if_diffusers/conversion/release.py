@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from diffusers.utils import logging
 
+from ..installed_versions import dtype_argument
 from ..models import IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
 from ..models.original_params import OriginalUNetParams
 from ..models.presets import find_preset
@@ -188,7 +189,7 @@ def validate_converted(
     if variant is not None:
         _check_variant_files(folder, variant)
     try:
-        pipeline = pipeline_class.from_pretrained(folder, variant=variant, torch_dtype=dtype).to(device)
+        pipeline = pipeline_class.from_pretrained(folder, variant=variant, **dtype_argument(dtype)).to(device)
     except Exception as error:  # diffusers, transformers and safetensors raise many types for a bad folder
         raise ValidationError(f"{folder}: {pipeline_class.__name__}.from_pretrained failed: {error}") from error
     unet_class = IFSuperResUNet2DConditionModel if stage_2 else IFUNet2DConditionModel

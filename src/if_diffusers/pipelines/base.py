@@ -302,9 +302,14 @@ class IFPipelineBase(HubLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoade
         low_res = torch.cat([conditioning.upscaled] * conditioning.copies)
         if not conditioning.redraw_augmentation:
             return low_res
-        noise = randn_tensor(
-            low_res.shape, generator=conditioning.generator, device=low_res.device, dtype=low_res.dtype
-        )
+        generator, copies = conditioning.generator, conditioning.copies
+        if isinstance(generator, list):
+            # one generator per image draws that image's k copies, as the image alone would: (k, B, 3, H, W) -> (k*B, ...)
+            per_image = (copies, *low_res.shape[1:])
+            noise = torch.stack([randn_tensor(per_image, generator=g, device=low_res.device, dtype=low_res.dtype)
+                                 for g in generator], dim=1).flatten(0, 1)  # fmt: skip
+        else:
+            noise = randn_tensor(low_res.shape, generator=generator, device=low_res.device, dtype=low_res.dtype)
         return self.image_noising_scheduler.add_noise(low_res, noise, conditioning.noise_level)
 
     def _held_to_low_res(

@@ -25,9 +25,10 @@ from diffusers import (
 from diffusers.pipelines.deepfloyd_if import IFSafetyChecker, IFWatermarker
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import replace_example_docstring
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 from ..image_processing import to_image_tensor
+from ..installed_versions import CLIPImageProcessor
 from ..models import IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
 from .cascade_inputs import (
     MODE_DEFAULTS,
@@ -217,6 +218,18 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
     def has_stage_3(self) -> bool:
         return self.stage_3_unet is not None
 
+    _checks_only = False  # set by check_inputs: __call__ returns after its checks
+
+    def check_inputs(self, *args, **kwargs) -> None:
+        """Every check `__call__` makes of these arguments (the same ones, e.g. `pipe.check_inputs("a prompt",
+        stage_1_guidance_scale=5)`), without running a model: a `ValueError` naming the argument for the first bad
+        one, else `None`. Checks a batch of calls before the first image is made."""
+        self._checks_only = True
+        try:
+            self(*args, **kwargs)
+        finally:
+            self._checks_only = False
+
     # --- the call -----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -348,6 +361,8 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
                                                stage_2_low_res_consistency_late_factor,
                                                stage_2_low_res_consistency_late_timestep, sizes[1])  # fmt: skip
         sources, masks = stage_images(source, mask_image, sizes, batch_size, num_images_per_prompt)
+        if self._checks_only:
+            return None
 
         # --- T5 once, for stages I and II ---
         device = self._execution_device

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..image_processing import check_size, size_multiple, super_resolution_size, to_mask_tensor
-from .checks import check_batch
+from .checks import check_batch, check_guidance_scale
 
 STAGE_3_MAX_NOISE_LEVEL = 350  # StableDiffusionUpscalePipeline's max_noise_level
 
@@ -93,8 +93,7 @@ def stage_3_texts(has_stage_3: bool, prompt, stage_3_prompt, negative_prompt, ba
         raise ValueError(f"stage_3_prompt={stage_3_prompt!r}: expected a str or {batch_size} str, one per prompt")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"stage_3_num_inference_steps={steps!r}: expected a positive int")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-        raise ValueError(f"stage_3_guidance_scale={guidance_scale!r}: expected a number (> 1 enables guidance)")
+    check_guidance_scale("stage_3_guidance_scale", guidance_scale)
     if (
         isinstance(noise_level, bool)
         or not isinstance(noise_level, int)

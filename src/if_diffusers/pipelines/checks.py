@@ -4,6 +4,7 @@ what is expected, before any model runs. Nothing is corrected silently."""
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 
 import torch
@@ -58,8 +59,7 @@ def check_common_inputs(
         if text is not None and embeds is not None:
             raise ValueError(f"pass at most one of {name} and {name}_embeds; got both")
         _check_prompt_count(name, text, batch_size)
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
-        raise ValueError(f"guidance_scale={guidance_scale!r}: expected a number (> 1 enables guidance)")
+    check_guidance_scale("guidance_scale", guidance_scale)
     if (positive_prompt is not None or positive_prompt_embeds is not None) and not (guidance_scale or 0) > 1:
         raise ValueError(
             f"positive_prompt mixes guided predictions: it needs guidance_scale > 1; got {guidance_scale}"
@@ -94,6 +94,16 @@ def check_common_inputs(
             f"(batch {batch_size} x num_images_per_prompt {num_images_per_prompt})"
         )
     return batch_size
+
+
+def check_guidance_scale(name: str, guidance_scale) -> None:
+    """A finite number: NaN or infinity would turn every guided prediction into NaN."""
+    if (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, numbers.Real)
+        or not math.isfinite(guidance_scale)
+    ):
+        raise ValueError(f"{name}={guidance_scale!r}: expected a finite number (> 1 enables guidance)")
 
 
 def _is_int(value) -> bool:

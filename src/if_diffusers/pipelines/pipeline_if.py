@@ -9,9 +9,10 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.pipelines.deepfloyd_if import IFSafetyChecker, IFWatermarker
 from diffusers.utils import replace_example_docstring
-from transformers import CLIPImageProcessor, T5EncoderModel, T5Tokenizer
+from transformers import T5EncoderModel, T5Tokenizer
 
 from ..image_processing import check_size, size_multiple
+from ..installed_versions import CLIPImageProcessor
 from ..models import IFUNet2DConditionModel
 from .base import IMAGE_CHANNELS, IFPipelineBase
 from .checks import check_common_inputs, check_timesteps

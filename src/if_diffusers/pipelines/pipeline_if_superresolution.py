@@ -11,8 +11,9 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.pipelines.deepfloyd_if import IFSafetyChecker, IFWatermarker
 from diffusers.utils import replace_example_docstring
-from transformers import CLIPImageProcessor, T5EncoderModel, T5Tokenizer
+from transformers import T5EncoderModel, T5Tokenizer
 
+from ..installed_versions import CLIPImageProcessor
 from ..models import IFSuperResUNet2DConditionModel
 from .base import IMAGE_CHANNELS, IFPipelineBase
 from .checks import check_common_inputs, check_noise_level, check_timesteps

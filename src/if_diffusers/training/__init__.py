@@ -3,7 +3,7 @@ variance) and the super-resolution stages' training inputs (`losses`, pure funct
 (`trainer.train`, `TrainingConfig`), its data (`data`: `CaptionedImageFolder`, T5 embedding cache) and command line
 (`command_line`: `if-diffusers train`, `scripts/train.py`)."""
 
-from .data import CaptionedImageFolder, embed_captions
+from .data import CaptionedImageFolder, ColumnsDataset, embed_captions, load_columns_dataset
 from .losses import (
     DiffusionSchedule,
     diffusion_schedule,
@@ -21,6 +21,7 @@ from .trainer import TrainingConfig, diffusion_loss, train
 
 __all__ = [
     "CaptionedImageFolder",
+    "ColumnsDataset",
     "DiffusionSchedule",
     "TrainingConfig",
     "diffusion_loss",
@@ -29,6 +30,7 @@ __all__ = [
     "embed_captions",
     "gaussian_blur",
     "hybrid_loss",
+    "load_columns_dataset",
     "learned_range_log_variance",
     "min_snr_weights",
     "q_sample",

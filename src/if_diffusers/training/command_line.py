@@ -1,8 +1,12 @@
-"""The training command line, `if-diffusers train` (and `scripts/train.py`): fine-tune a saved stage I or II pipeline
-folder on a folder of captioned images (`CaptionedImageFolder`) or on the synthetic shapes.
+"""The training command line, `if-diffusers train` (and `scripts/train.py`): fine-tune stage I or II of a saved
+cascade (the bundled demo by default) or of a stage pipeline folder, on a folder of captioned images or an
+`imagefolder` dataset (`CaptionedImageFolder`: what `if-diffusers batch` writes), a `datasets` dataset
+(`--dataset-name`), or the synthetic shapes.
 
     if-diffusers train --model IF-I-M-diffusers --stage I --train-data my-images --resolution 64 \\
         --output-dir runs/mine --max-train-steps 2000 --mixed-precision bf16 --validation-prompt "a red circle"
+    if-diffusers batch prompts.txt -o shapes && if-diffusers train --stage II --train-data shapes --resolution 128 \\
+        --output-dir runs/ii --lora-rank 4 && if-diffusers generate "a red circle" --model runs/ii/pipeline
     accelerate launch scripts/train.py --model ... (several GPUs, same options)
 """
 
@@ -10,9 +14,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
 
-from .data import CaptionedImageFolder
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline
+
+from .data import CAPTION_COLUMNS, CaptionedImageFolder, load_columns_dataset
 from .trainer import LR_SCHEDULERS, MIXED_PRECISION, STAGES, TrainingConfig, train
 
 DESCRIPTION = "Fine-tune (or LoRA-tune) a stage I or II IF pipeline on captioned images."
@@ -35,15 +43,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The training options, on `parser` (defaults are `TrainingConfig`'s)."""
-    parser.add_argument(
-        "--model", required=True, help="saved IFPipeline (stage I) or IFSuperResolutionPipeline folder"
-    )
+    parser.add_argument("--model", help="a saved IFCascadePipeline folder (--stage picks the UNet to train; the result "
+                        "is the cascade with that stage trained), or a saved IFPipeline (stage I) or "
+                        "IFSuperResolutionPipeline folder; default: the demo cascade bundled in the package")  # fmt: skip
     parser.add_argument("--stage", choices=STAGES, required=True)
     data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument(
-        "--train-data", help="folder of images + captions.jsonl or captions.csv (see CaptionedImageFolder)"
-    )
+    data.add_argument("--train-data", help="folder of images + captions.jsonl or captions.csv, or an imagefolder "
+                      "dataset (images + metadata.jsonl, as `if-diffusers batch` writes; see CaptionedImageFolder)")  # fmt: skip
+    data.add_argument("--dataset-name", help="a `datasets` dataset: a folder of `save_to_disk`, or a hub id "
+                      "(its train split), read from --image-column and --caption-column")  # fmt: skip
     data.add_argument("--synthetic-shapes", type=int, metavar="N", help="train on N synthetic captioned shapes")
+    parser.add_argument("--image-column", default="image", help="--dataset-name's image column (default image)")
+    parser.add_argument("--caption-column", help="the caption column of an imagefolder's metadata or of "
+                        f"--dataset-name (default: the first of {', '.join(CAPTION_COLUMNS)} it has)")  # fmt: skip
+    parser.add_argument("--resize", action="store_true", help="resize each image's short side to --resolution and "
+                        "crop its centre (default: images must be --resolution square already)")  # fmt: skip
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--resolution", type=int, required=True, help="image side (stage II: of the targets)")
     for name, kind in _NUMBERS.items():
@@ -59,9 +73,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Check the options and data, load the pipeline, train; errors are one line on stderr and exit code 1."""
-    from ..pipelines import IFPipeline, IFSuperResolutionPipeline
-
+    """Check the options and data, load the model, train; errors are one line on stderr and exit code 1."""
     try:
         config = TrainingConfig(
             stage=args.stage, output_dir=args.output_dir, resolution=args.resolution,
@@ -72,21 +84,61 @@ def run_train(args: argparse.Namespace) -> int:
             **{name: getattr(args, name) for name in _NUMBERS},
         )  # fmt: skip
         dataset = _dataset(args)
-        pipeline_class = IFPipeline if args.stage == "I" else IFSuperResolutionPipeline
-        pipeline = pipeline_class.from_pretrained(args.model)
-        if pipeline.tokenizer is None or pipeline.text_encoder is None:
-            raise ValueError(f"--model {args.model!r} has no tokenizer/text_encoder; training encodes the captions")
-        folder = train(config, pipeline.unet, pipeline.tokenizer, pipeline.text_encoder, dataset, pipeline.scheduler)
+        model = load_training_model(args.model, args.stage)
+        folder = train(config, model.unet, model.tokenizer, model.text_encoder, dataset, model.scheduler,
+                       output_pipeline=model.cascade)  # fmt: skip
     except (ValueError, TypeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {folder}")
+    if model.cascade is not None and folder.name != "pipeline":
+        print(f"wrote {folder.parent / 'pipeline'}")
     return 0
+
+
+@dataclass
+class TrainingModel:
+    """What training takes from a saved model: the stage's UNet and scheduler, T5, and the cascade the UNet belongs
+    to (`None` for a stage pipeline folder), saved with the trained stage."""
+
+    unet: torch.nn.Module
+    scheduler: DDPMScheduler
+    tokenizer: Any
+    text_encoder: Any
+    cascade: DiffusionPipeline | None
+
+
+def load_training_model(model: str | None, stage: str) -> TrainingModel:
+    """`model` (a cascade or a stage pipeline folder or hub id; `None`: the bundled demo cascade) in float32, with
+    stage `stage`'s UNet to train."""
+    from ..demo_cascade import load_demo_cascade
+    from ..pipelines import IFCascadePipeline, IFPipeline, IFSuperResolutionPipeline
+
+    if model is None or _is_cascade(model):
+        cascade = load_demo_cascade() if model is None else IFCascadePipeline.from_pretrained(model)
+        number = 1 if stage == "I" else 2
+        return TrainingModel(getattr(cascade, f"stage_{number}_unet"), getattr(cascade, f"stage_{number}_scheduler"),
+                             cascade.tokenizer, cascade.text_encoder, cascade)  # fmt: skip
+    pipeline = (IFPipeline if stage == "I" else IFSuperResolutionPipeline).from_pretrained(model)
+    if pipeline.tokenizer is None or pipeline.text_encoder is None:
+        raise ValueError(f"--model {model!r} has no tokenizer/text_encoder; training encodes the captions")
+    return TrainingModel(pipeline.unet, pipeline.scheduler, pipeline.tokenizer, pipeline.text_encoder, None)
+
+
+def _is_cascade(model: str) -> bool:
+    """Whether `model`'s `model_index.json` names `IFCascadePipeline` (as a class, or the `[file, class]` pair)."""
+    from diffusers import DiffusionPipeline
+
+    class_name = DiffusionPipeline.load_config(model).get("_class_name")
+    return (class_name[-1] if isinstance(class_name, list) else class_name) == "IFCascadePipeline"
 
 
 def _dataset(args: argparse.Namespace):
     if args.train_data is not None:
-        return CaptionedImageFolder(args.train_data, args.resolution)
+        return CaptionedImageFolder(args.train_data, args.resolution, args.caption_column, args.resize)
+    if args.dataset_name is not None:
+        return load_columns_dataset(args.dataset_name, args.image_column, args.caption_column, args.resolution,
+                                    args.resize)  # fmt: skip
     from ..synthetic.shapes import ShapesDataset
 
     if args.synthetic_shapes < 1:

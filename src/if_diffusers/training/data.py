@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,7 +24,8 @@ import torch
 from ..image_processing import to_image_tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-CAPTION_FILES = ("captions.jsonl", "captions.csv")
+CAPTION_FILES = ("captions.jsonl", "captions.csv", "metadata.jsonl", "metadata.csv")
+CAPTION_COLUMNS = ("prompt", "text", "caption")  # an imagefolder's caption column, when none is named
 
 
 class CaptionedDataset(Protocol):
@@ -37,60 +38,135 @@ class CaptionedDataset(Protocol):
 
 
 class CaptionedImageFolder:
-    """Images of one folder with their captions, all `resolution` x `resolution`.
+    """Images of one folder with their captions, all `resolution` x `resolution` (or made so, with `resize`).
 
-    Layout: image files (`.png`, `.jpg`, `.jpeg`, `.webp`, `.bmp`) directly in `folder`, and exactly one caption file
-    beside them naming each image once:
+    Layouts: image files (`.png`, `.jpg`, `.jpeg`, `.webp`, `.bmp`) and exactly one caption file naming each image
+    once:
 
     * `captions.jsonl`: one JSON object per line, `{"file": "0001.png", "caption": "a red circle"}`;
-    * `captions.csv`: a header line `file,caption`, then one row per image (quote captions holding commas).
+    * `captions.csv`: a header line `file,caption`, then one row per image (quote captions holding commas);
+    * a Hugging Face `imagefolder` dataset (what `if-diffusers batch` writes): `metadata.jsonl` (or `metadata.csv`)
+      with a `file_name` (relative to the folder, subfolders allowed) and the caption in `caption_column`, by default
+      the first of `CAPTION_COLUMNS` the rows have.
 
     Checked at construction, each failure a ValueError naming the file: a missing, duplicated or malformed caption
     entry, a caption whose file does not exist, an image file without caption, an image PIL cannot read, and an image
-    whose size is not `resolution` x `resolution` (resize beforehand: nothing is resized here). Items are
+    whose size is not `resolution` x `resolution` unless `resize` (otherwise nothing is resized: resize beforehand).
+    With `resize`, each image's short side is resized to `resolution` (bicubic, antialiased) and its centre cropped
+    square (`resize_and_crop`), as diffusers' training scripts' `--resolution --center_crop`. Items are
     `(RGB PIL image, caption)`, in the caption file's order.
     """
 
-    def __init__(self, folder: str | Path, resolution: int):
+    def __init__(self, folder: str | Path, resolution: int, caption_column: str | None = None, resize: bool = False):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise ValueError(f"folder={str(folder)!r} is not a folder; expected a folder of images and captions")
         if not isinstance(resolution, int) or resolution < 1:
             raise ValueError(f"resolution={resolution!r}: expected a positive int")
-        self.resolution = resolution
-        entries = _read_captions(self.folder)
-        images = sorted(p.name for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        uncaptioned = sorted(set(images) - {name for name, _ in entries})
+        self.resolution, self.resize = resolution, resize
+        entries, caption_file = _read_captions(self.folder, caption_column)
+        names = {name for name, _ in entries}
+        pattern = "**/*" if caption_file.stem == "metadata" else "*"  # imagefolder rows may name subfolders' files
+        images = sorted(p.relative_to(self.folder).as_posix() for p in self.folder.glob(pattern)
+                        if p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.parts))  # fmt: skip
+        uncaptioned = [name for name in images if name not in names]
         if uncaptioned:
             raise ValueError(
                 f"{self.folder / uncaptioned[0]} has no caption ({len(uncaptioned)} image(s) without one); "
-                f"expected an entry for every image in {self._caption_file.name}"
+                f"expected an entry for every image in {caption_file.name}"
             )
         for name, _ in entries:
-            _check_image_file(self.folder / name, resolution)
+            _check_image_file(self.folder / name, None if resize else resolution)
         self.files = [name for name, _ in entries]
         self.captions = [caption for _, caption in entries]
-
-    @property
-    def _caption_file(self) -> Path:
-        return next(self.folder / name for name in CAPTION_FILES if (self.folder / name).is_file())
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[PIL.Image.Image, str]:
         with PIL.Image.open(self.folder / self.files[index]) as image:
-            return image.convert("RGB"), self.captions[index]
+            image = image.convert("RGB")
+        return (resize_and_crop(image, self.resolution) if self.resize else image), self.captions[index]
 
 
-def _read_captions(folder: Path) -> list[tuple[str, str]]:
-    """`[(file name, caption)]` from the folder's one caption file; malformed or duplicated entries, and entries
-    naming a missing file, are ValueErrors naming the caption file."""
+class ColumnsDataset:
+    """A `datasets.Dataset` (or any sequence of dicts) read as `(RGB PIL image, caption)` from two of its columns, as
+    diffusers' training scripts read `--image_column` and `--caption_column`; `resize` as `CaptionedImageFolder`'s."""
+
+    def __init__(self, dataset, image_column: str, caption_column: str, resolution: int, resize: bool = False):
+        columns = getattr(dataset, "column_names", None) or (list(dataset[0]) if len(dataset) else [])
+        for option, name in (("image_column", image_column), ("caption_column", caption_column)):
+            if name not in columns:
+                raise ValueError(f"{option}={name!r} is not a column of the dataset; it has {columns}")
+        if len(dataset) < 1:
+            raise ValueError("the dataset is empty; expected at least one (image, caption)")
+        captions = (
+            list(dataset[caption_column]) if hasattr(dataset, "column_names") else [r[caption_column] for r in dataset]
+        )
+        bad = next((i for i, c in enumerate(captions) if not isinstance(c, str)), None)
+        if bad is not None:
+            raise ValueError(f"row {bad} of column {caption_column!r} is {captions[bad]!r}; expected a caption string")
+        self.dataset, self.image_column, self.captions = dataset, image_column, captions
+        self.resolution, self.resize = resolution, resize
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> tuple[PIL.Image.Image, str]:
+        image = self.dataset[index][self.image_column]
+        if not isinstance(image, PIL.Image.Image):
+            raise ValueError(
+                f"row {index} of column {self.image_column!r} is a {type(image).__name__}; expected an image"
+            )
+        image = image.convert("RGB")
+        return (resize_and_crop(image, self.resolution) if self.resize else image), self.captions[index]
+
+
+def load_columns_dataset(name: str, image_column: str, caption_column: str | None, resolution: int,
+                         resize: bool = False) -> ColumnsDataset:  # fmt: skip
+    """A `datasets` dataset as `ColumnsDataset`: a folder `save_to_disk` wrote (`load_from_disk`) or a hub id
+    (`load_dataset`), its "train" split when it has splits; the caption column by default the first of
+    `CAPTION_COLUMNS` it has."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            f"dataset {name!r}: reading it needs the datasets package (pip install 'if-diffusers[datasets]')"
+        ) from None
+    dataset = datasets.load_from_disk(name) if Path(name).is_dir() else datasets.load_dataset(name)
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise ValueError(f"dataset {name!r} has the splits {list(dataset)}; expected a 'train' split")
+        dataset = dataset["train"]
+    if caption_column is None:
+        caption_column = next((c for c in CAPTION_COLUMNS if c in dataset.column_names), None)
+        if caption_column is None:
+            raise ValueError(f"dataset {name!r} has none of the caption columns {list(CAPTION_COLUMNS)} (it has "
+                             f"{dataset.column_names}); name yours with caption_column (--caption-column)")  # fmt: skip
+    return ColumnsDataset(dataset, image_column, caption_column, resolution, resize)
+
+
+def resize_and_crop(image: PIL.Image.Image, resolution: int) -> PIL.Image.Image:
+    """`image` with its short side resized to `resolution` (bicubic, antialiased when shrinking), then its centre
+    cropped to `resolution` x `resolution`."""
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, PIL.Image.Resampling.BICUBIC) if size != image.size else image
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def _read_captions(folder: Path, caption_column: str | None) -> tuple[list[tuple[str, str]], Path]:
+    """`([(file name, caption)], caption file)` from the folder's one caption file; malformed or duplicated entries,
+    and entries naming a missing file, are ValueErrors naming the caption file."""
     present = [folder / name for name in CAPTION_FILES if (folder / name).is_file()]
     if len(present) != 1:
         found = [p.name for p in present] or "none"
         raise ValueError(f"{folder} has caption files {found}; expected exactly one of {list(CAPTION_FILES)}")
     path = present[0]
+    if caption_column is not None and path.stem != "metadata":
+        raise ValueError(f"caption_column={caption_column!r} names a column of metadata.jsonl/.csv; {path.name} has "
+                         "'file' and 'caption'")  # fmt: skip
     if path.suffix == ".jsonl":
         rows = []
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -103,41 +179,50 @@ def _read_captions(folder: Path) -> list[tuple[str, str]]:
     else:
         with path.open(newline="", encoding="utf-8") as file:
             reader = csv.DictReader(file)
-            if reader.fieldnames is None or not {"file", "caption"} <= set(reader.fieldnames):
-                raise ValueError(f"{path} has header {reader.fieldnames}; expected 'file,caption'")
             rows = list(reader)
+        needs = {"file", "caption"} if path.stem == "captions" else {"file_name"}
+        if reader.fieldnames is None or not needs <= set(reader.fieldnames):
+            raise ValueError(f"{path} has header {reader.fieldnames}; expected columns {sorted(needs)}")
+    if not rows:
+        raise ValueError(f"{path} has no entries; expected one per image")
+    file_key, caption_key = ("file", "caption") if path.stem == "captions" else ("file_name", caption_column)
+    if caption_key is None:
+        first = rows[0] if isinstance(rows[0], dict) else {}
+        caption_key = next((c for c in CAPTION_COLUMNS if isinstance(first.get(c), str)), None)
+        if caption_key is None:
+            raise ValueError(f"{path} has none of the caption columns {list(CAPTION_COLUMNS)} in its first row "
+                             f"({sorted(first)}); name yours with caption_column (--caption-column)")  # fmt: skip
     entries, seen = [], set()
     for number, row in enumerate(rows, start=1):
         if (
             not isinstance(row, dict)
-            or not isinstance(row.get("file"), str)
-            or not isinstance(row.get("caption"), str)
+            or not isinstance(row.get(file_key), str)
+            or not isinstance(row.get(caption_key), str)
         ):
-            raise ValueError(f"{path} entry {number} is {row!r}; expected a 'file' and a 'caption' string")
-        name = row["file"]
+            raise ValueError(f"{path} entry {number} is {row!r}; expected a {file_key!r} and a {caption_key!r} string")
+        name = PurePosixPath(row[file_key]).as_posix()
         if name in seen:
             raise ValueError(f"{path} names {name!r} twice; expected one caption per image")
-        if not (folder / name).is_file():
+        if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts or not (folder / name).is_file():
             raise ValueError(f"{path} entry {number} names {name!r}, which is not a file in {folder}")
         seen.add(name)
-        entries.append((name, row["caption"]))
-    if not entries:
-        raise ValueError(f"{path} has no entries; expected one per image")
-    return entries
+        entries.append((name, row[caption_key]))
+    return entries, path
 
 
-def _check_image_file(path: Path, resolution: int) -> None:
-    """Readable by PIL (decoded in full: a truncated file fails here, not mid-training) and square at `resolution`."""
+def _check_image_file(path: Path, resolution: int | None) -> None:
+    """Readable by PIL (decoded in full: a truncated file fails here, not mid-training) and square at `resolution`
+    (any size when `None`)."""
     try:
         with PIL.Image.open(path) as image:
             image.load()
             size = image.size
     except (OSError, PIL.UnidentifiedImageError, SyntaxError) as error:
         raise ValueError(f"{path} is not a readable image ({error})") from error
-    if size != (resolution, resolution):
+    if resolution is not None and size != (resolution, resolution):
         raise ValueError(
             f"{path} is {size[0]}x{size[1]}; expected {resolution}x{resolution} (the training resolution): "
-            "resize and crop the images beforehand, nothing is resized during training"
+            "resize and crop the images beforehand, or ask for it (resize, --resize)"
         )
 
 

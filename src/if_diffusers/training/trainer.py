@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import logging
@@ -346,6 +346,7 @@ def train(
     text_encoder,
     dataset: CaptionedDataset,
     scheduler: DDPMScheduler | None = None,
+    output_pipeline: DiffusionPipeline | None = None,
 ) -> Path:
     """Train `unet` (an `IFUNet2DConditionModel` for stage I, `IFSuperResUNet2DConditionModel` for II; float32,
     trained in place) on `dataset` as `config` says, with T5 (`tokenizer`, `text_encoder`) frozen.
@@ -356,21 +357,33 @@ def train(
     Every input is checked before any model runs. At the end the UNet holds the EMA weights when EMA is on, and is
     in eval mode. Returns the folder written: `output_dir/pipeline` (`IFPipeline` / `IFSuperResolutionPipeline`
     `.from_pretrained` loads it), or `output_dir/lora` (for `load_lora_weights`) with `lora_rank`.
+
+    `output_pipeline`: instead, the pipeline saved as `output_dir/pipeline`, one that holds `unet` among its
+    components (the `IFCascadePipeline` the UNet was taken from, say: the cascade with the trained stage). With
+    `lora_rank` it is saved too, beside `output_dir/lora`, with the adapter merged into the UNet's weights (the UNet
+    keeps them merged and loses the adapter).
     """
     checkpoint = find_checkpoint(config)
     _check_inputs(config, unet, dataset, checkpoint)
+    if output_pipeline is not None and not any(c is unet for c in output_pipeline.components.values()):
+        raise ValueError(
+            f"output_pipeline ({type(output_pipeline).__name__}) does not hold unet among its components; expected "
+            "the pipeline the trained UNet belongs to"
+        )
     scheduler = scheduler if scheduler is not None else denoising_scheduler(config.stage)
     schedule = diffusion_schedule(scheduler)  # rejects a schedule that is not IF's objective (or its v form)
-    return _Run(config, unet, tokenizer, text_encoder, dataset, scheduler, schedule, checkpoint).run()
+    return _Run(config, unet, tokenizer, text_encoder, dataset, scheduler, schedule, checkpoint, output_pipeline).run()
 
 
 class _Run:
     """One call of `train`: the prepared objects, the loop, checkpoints, validation and the result."""
 
-    def __init__(self, config, unet, tokenizer, text_encoder, dataset, scheduler, schedule, checkpoint):
+    def __init__(self, config, unet, tokenizer, text_encoder, dataset, scheduler, schedule, checkpoint,
+                 output_pipeline=None):  # fmt: skip
         from accelerate import Accelerator
 
         self.config, self.dataset, self.scheduler = config, dataset, scheduler
+        self.output_pipeline = output_pipeline  # saved at the end instead of the stage's pipeline (`train`)
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.accelerator = accelerator = Accelerator(
             mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
@@ -561,14 +574,17 @@ class _Run:
         folder = config.output_dir / ("lora" if self.lora_config is not None else "pipeline")
         if accelerator.is_main_process:
             pipeline = self._pipeline(with_text=True)
-            if self.lora_config is None:
-                pipeline.save_pretrained(folder)
-            else:
+            if self.lora_config is not None:
                 from peft.utils import get_peft_model_state_dict
 
                 with atomic_folder(folder, overwrite=True) as staging:
                     type(pipeline).save_lora_weights(staging, unet_lora_layers=get_peft_model_state_dict(unet),
                                                      unet_lora_adapter_metadata=self.lora_config.to_dict())  # fmt: skip
+                if self.output_pipeline is not None:
+                    unet.fuse_lora()
+                    unet.unload_lora()  # plain layers holding the merged weights, as the saved UNet class has
+            if self.lora_config is None or self.output_pipeline is not None:
+                (self.output_pipeline or pipeline).save_pretrained(config.output_dir / "pipeline")
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return folder
