@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from if_diffusers import IFCascadePipeline
+from if_diffusers.batch import image_folder
 from if_diffusers.batch.jobs import merge_settings
 from if_diffusers.batch.prompt_file import PromptLine, line_seed, read_prompt_file
 from if_diffusers.cli import main
@@ -60,6 +61,8 @@ def sources(tmp_path) -> dict[str, Path]:
 
 
 def test_text_and_jsonl_prompt_files_are_read_line_by_line(tmp_path, sources):
+    (tmp_path / "bom.txt").write_text("\ufeffa red circle\n", encoding="utf-8")  # as some editors save UTF-8
+    assert read_prompt_file(tmp_path / "bom.txt")[0].prompt == "a red circle"
     text = read_prompt_file(_write(tmp_path / "p.txt", ["a red circle", "", "  a green square  "]))
     assert [(line.number, line.prompt, line.mode) for line in text] == [(1, "a red circle", "text2img"),
                                                                         (3, "a green square", "text2img")]  # fmt: skip
@@ -72,6 +75,10 @@ def test_text_and_jsonl_prompt_files_are_read_line_by_line(tmp_path, sources):
     assert (second.mode, second.source("image"), third.mode, third.source("mask")) == (
         "img2img", sources["image"], "inpaint", sources["mask"])  # fmt: skip
     assert fourth.settings == {"stage_2_timesteps": [999, 500, 0]}
+    (off,) = read_prompt_file(
+        _write(tmp_path / "q.jsonl", [{"prompt": "a", "stage_2_low_res_consistency_factor": None}])
+    )
+    assert off.settings == {"stage_2_low_res_consistency_factor": None}  # null: off, replacing a preset
 
 
 @pytest.mark.parametrize(
@@ -83,7 +90,10 @@ def test_text_and_jsonl_prompt_files_are_read_line_by_line(tmp_path, sources):
         ({"prompt": "a", "stage_1_guidance": 5}, r"unknown field 'stage_1_guidance' \(did you mean 'stage_1_guidance_scale'\?\)"),
         ({"seed": 1}, r"line 2: field 'prompt' is missing"),
         ({"prompt": " "}, r"line 2: field 'prompt' is empty"),
-        ({"prompt": 3}, r"line 2: field 'prompt' is 3; expected a non-empty string"),
+        ({"prompt": 3}, r"line 2: field 'prompt' is 3; expected a string"),
+        ({"prompt": "a", "stage_2_redraw_augmentation_noise": "no"}, r"field 'stage_2_redraw_augmentation_noise' is \"no\"; expected true or false"),
+        ({"prompt": "a", "stage_1_timesteps": [999, "500"]}, r"field 'stage_1_timesteps' is \[999, \"500\"\]; expected a preset name"),
+        ({"prompt": "a", "max_sequence_length": None}, r"field 'max_sequence_length' is null; expected an int \(null would pad"),
         ({"prompt": "a", "seed": "7"}, r"field 'seed' is \"7\"; expected an int"),
         ({"prompt": "a", "seed": -1}, r"field 'seed' is -1; expected an int in \[0, "),
         ({"prompt": "a", "seed": True}, r"field 'seed' is true; expected an int"),
@@ -91,8 +101,8 @@ def test_text_and_jsonl_prompt_files_are_read_line_by_line(tmp_path, sources):
         ({"prompt": "a", "mode": "upscale"}, r"field 'mode' is 'upscale'; expected one of"),
         ({"prompt": "a", "mode": "img2img"}, r"field 'mode' is 'img2img', which takes 'image' and no 'mask'"),
         ({"prompt": "a", "mask": "mask.png"}, r"field 'mask' without 'image'"),
-        ({"prompt": "a", "image": "missing.png"}, r"field 'image' is 'missing.png': cannot read the image"),
-        ({"prompt": "a", "image": "notes.png"}, r"field 'image' is 'notes.png': cannot read the image"),
+        ({"prompt": "a", "image": "missing.png"}, r"field 'image' is '.*missing.png': cannot read the image"),
+        ({"prompt": "a", "image": "notes.png"}, r"field 'image' is '.*notes.png': cannot read the image"),
     ],
 )  # fmt: skip
 def test_a_bad_jsonl_line_is_named_with_its_field(tmp_path, sources, line, message):
@@ -129,43 +139,61 @@ def test_a_lines_steps_replace_both_of_the_runs_for_its_stage():
 
 
 def test_batch_writes_an_imagefolder_dataset_equal_to_generate(cascade_folder, tmp_path, sources):
-    """Text-to-image (with a seed, several images, a negative prompt, a line's own setting), img2img and inpainting
-    lines in one file, batched by 2: `datasets` loads the folder with one row per image; each PNG holds its row; an
-    image equals the cascade's own call with its seed and settings, and `generate`'s."""
+    """Text-to-image lines (a seed with two images and a negative prompt, batched with a line without one; a line's
+    own setting), two img2img lines batched together, and an inpainting line, by 3: `datasets` loads the folder
+    with one row per image; each PNG holds its row; an image equals the cascade's own call with its seed and
+    settings, made alone, and `generate`'s."""
+    PIL.Image.open(sources["image"]).transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "flipped.png")
     rows = [{"prompt": "a red circle", "seed": 11, "num_images": 2, "negative_prompt": "blurry"},
+            {"prompt": "a green circle", "seed": 21},
             {"prompt": "a green square", "stage_1_guidance_scale": 3.0},
-            {"prompt": "a blue square", "image": "photo.png"},
+            {"prompt": "a blue square", "image": "photo.png", "seed": 4},
+            {"prompt": "a blue circle", "image": "flipped.png", "seed": 5},
             {"prompt": "a red square", "image": "photo.png", "mask": "mask.png", "seed": 3}]  # fmt: skip
     prompts, out = _write(tmp_path / "prompts.jsonl", rows), tmp_path / "out"
     assert main(["batch", str(prompts), "-o", str(out), "--model", str(cascade_folder), "--device", "cpu",
-                 "--batch-size", "2", "--seed", "100", *STEPS]) == 0  # fmt: skip
-    names = ["000001-00.png", "000001-01.png", "000002-00.png", "000003-00.png", "000004-00.png"]
+                 "--batch-size", "3", "--seed", "100", *STEPS]) == 0  # fmt: skip
+    names = [f"{line:08d}-{k:03d}.png" for line, k in ((1, 0), (1, 1), (2, 0), (3, 0), (4, 0), (5, 0), (6, 0))]
     assert _images(out) == names and not [p for p in out.iterdir() if p.name.startswith(".")]
     dataset = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
-    assert dataset.num_rows == 5 and dataset[0]["image"].size == (256, 256)
+    assert dataset.num_rows == 7 and dataset[0]["image"].size == (256, 256)
+    assert dataset["prompt"] == ["a red circle"] * 2 + [row["prompt"] for row in rows[1:]]
     table = {row["file_name"]: row for row in map(json.loads, (out / "metadata.jsonl").read_text().splitlines())}
-    assert list(table) == names and [table[n]["seed"] for n in names[:2]] == [11, 12]
-    assert table["000002-00.png"]["seed"] == line_seed(PromptLine(2, ""), 100)
-    assert [dataset[i]["prompt"] for i in range(5)] == ["a red circle"] * 2 + ["a green square", "a blue square",
-                                                                               "a red square"]  # fmt: skip
-    assert table["000004-00.png"]["mode"] == "inpaint" and table["000004-00.png"]["mask_image"] == "mask.png"
+    assert list(table) == names and [table[n]["seed"] for n in names[:3]] == [11, 12, 21]
+    assert table[names[3]]["seed"] == line_seed(PromptLine(3, ""), 100)
+    assert table[names[6]]["mode"] == "inpaint" and table[names[6]]["mask_image"] == "mask.png"
     for name in names:
         with PIL.Image.open(out / name) as image:
             assert json.loads(image.text["parameters"]) == table[name]
-    assert json.loads(table["000002-00.png"]["settings"]) == {"stage_1_guidance_scale": 3.0,
-                                                               **{f"stage_{n}_num_inference_steps": 2 for n in (1, 2, 3)}}  # fmt: skip
+    assert json.loads(table[names[3]]["settings"]) == {"stage_1_guidance_scale": 3.0,
+                                                       **{f"stage_{n}_num_inference_steps": 2 for n in (1, 2, 3)}}  # fmt: skip
 
     pipeline = IFCascadePipeline.from_pretrained(cascade_folder)
     pipeline.set_progress_bar_config(disable=True)
-    for name, call in (("000001-01.png", dict(prompt="a red circle", negative_prompt="blurry", seed=12)),
-                       ("000004-00.png", dict(prompt="a red square", image=PIL.Image.open(sources["image"]),
-                                              mask_image=PIL.Image.open(sources["mask"]), seed=3))):  # fmt: skip
+    photo, flipped, mask = (PIL.Image.open(path) for path in (sources["image"], tmp_path / "flipped.png",
+                                                              sources["mask"]))  # fmt: skip
+    alone_calls = {names[1]: dict(prompt="a red circle", negative_prompt="blurry", seed=12),
+                   names[2]: dict(prompt="a green circle", seed=21),  # batched with the negative prompt's images
+                   names[4]: dict(prompt="a blue square", image=photo, seed=4),
+                   names[5]: dict(prompt="a blue circle", image=flipped, seed=5),  # batched with the one above
+                   names[6]: dict(prompt="a red square", image=photo, mask_image=mask, seed=3)}  # fmt: skip
+    for name, call in alone_calls.items():
         seed = call.pop("seed")
         alone = pipeline(**call, generator=torch.Generator().manual_seed(seed), **json.loads(table[name]["settings"]))
         assert np.abs(_pixels(out / name) - np.asarray(alone.images[0], dtype=int)).max() <= 1, name
     assert main(["generate", "a red circle", "--negative-prompt", "blurry", "--seed", "12", "-o",
                  str(tmp_path / "g.png"), "--model", str(cascade_folder), "--device", "cpu", *STEPS]) == 0  # fmt: skip
-    assert np.abs(_pixels(out / "000001-01.png") - _pixels(tmp_path / "g.png")).max() <= 1
+    assert np.abs(_pixels(out / names[1]) - _pixels(tmp_path / "g.png")).max() <= 1
+
+
+def test_the_runs_negative_prompt_and_images_per_line_apply_to_lines_without_their_own(cascade_folder, tmp_path):
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": "a red circle"}, {"prompt": "a", "negative_prompt": "dark",
+                                                                          "num_images": 1}])  # fmt: skip
+    assert main(["batch", str(prompts), "-o", str(tmp_path / "o"), "--model", str(cascade_folder), "--device", "cpu",
+                 "--negative-prompt", "blurry", "--num-images", "2", *STEPS]) == 0  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "o" / "metadata.jsonl").read_text().splitlines()]
+    assert [(r["file_name"], r["negative_prompt"]) for r in rows] == [
+        ("00000001-000.png", "blurry"), ("00000001-001.png", "blurry"), ("00000002-000.png", "dark")]  # fmt: skip
 
 
 def test_a_rerun_keeps_complete_images_and_remakes_missing_truncated_or_changed_ones(cascade_folder, tmp_path, capsys):
@@ -173,10 +201,9 @@ def test_a_rerun_keeps_complete_images_and_remakes_missing_truncated_or_changed_
     command = ["batch", str(prompts), "-o", str(out), "--model", str(cascade_folder), "--device", "cpu", *STEPS]
     assert main(command) == 0
     before = {name: (out / name).read_bytes() for name in _images(out)}
-    (out / "000001-00.png").write_bytes(before["000001-00.png"][:500])  # truncated
-    (out / "000003-00.png").unlink()  # missing
-    (out / ".000002-00.png.123.partial").write_bytes(b"half")  # a killed run's temporary file
-    (out / "metadata.jsonl").unlink()
+    (out / "00000001-000.png").write_bytes(before["00000001-000.png"][:500])  # truncated
+    (out / "00000003-000.png").unlink()  # missing
+    (out / ".00000002-000.png.123.partial").write_bytes(b"half")  # a killed run's temporary file
     capsys.readouterr()
     assert main(command) == 0
     assert "made 2 images" in capsys.readouterr().out
@@ -186,6 +213,40 @@ def test_a_rerun_keeps_complete_images_and_remakes_missing_truncated_or_changed_
     assert main([*command, "--seed", "1"]) == 0  # other seeds: every image is another one
     assert "made 3 images" in capsys.readouterr().out
     assert all((out / name).read_bytes() != data for name, data in before.items())
+
+
+def test_a_rerun_that_fails_leaves_no_metadata_describing_other_images(cascade_folder, tmp_path, capsys,
+                                                                         monkeypatch):  # fmt: skip
+    """Once images are to be made, an earlier run's metadata.jsonl goes: a run that then fails (here: the disk, at
+    the first image) leaves a folder `datasets` would refuse, rather than one pairing new images with old rows."""
+    prompts, out = _write(tmp_path / "p.txt", ["a red circle", "a green square"]), tmp_path / "o"
+    command = ["batch", str(prompts), "-o", str(out), "--model", str(cascade_folder), "--device", "cpu", *STEPS]
+    assert main(command) == 0 and (out / "metadata.jsonl").is_file()
+    _write(prompts, ["a red circle", "a blue square"])  # line 2 changed: its image is to be remade
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(image_folder, "write_image", full_disk)
+    capsys.readouterr()
+    assert main(command) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: [Errno 28] No space left on device"
+    assert not (out / "metadata.jsonl").exists() and _images(out) == ["00000001-000.png", "00000002-000.png"]
+
+
+def test_several_processes_take_the_device_type_not_one_device(tmp_path):
+    """With N processes each takes cuda:LOCAL_RANK (or the CPU): an indexed --device would put all on one."""
+    from types import SimpleNamespace
+
+    from if_diffusers.batch.runner import _prepare
+
+    state = SimpleNamespace(num_processes=2, process_index=0, is_main_process=True, device=torch.device("cpu"))
+    args = SimpleNamespace(prompts=str(_write(tmp_path / "p.txt", ["a"])), num_images=1, device="cpu:0", dtype=None,
+                           offload="none")  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"--device cpu:0: with 2 processes each takes its own device .*pass --device cpu"
+    ):
+        _prepare(state, args, tmp_path / "out")
 
 
 def test_bad_lines_and_folders_fail_before_any_image_is_made(cascade_folder, tmp_path, capsys, monkeypatch):
@@ -206,7 +267,10 @@ def test_bad_lines_and_folders_fail_before_any_image_is_made(cascade_folder, tmp
     assert "holds 1 image(s) this prompt file does not name (e.g. holiday.png)" in capsys.readouterr().err
 
 
-def test_batch_options_are_checked_before_loading(tmp_path, capsys):
+def test_batch_options_are_checked_before_loading(tmp_path, capsys, monkeypatch):
+    from if_diffusers import generation_options
+
+    monkeypatch.setattr(generation_options, "load_cascade", lambda *a, **k: pytest.fail("a model was loaded"))
     prompts = _write(tmp_path / "p.txt", ["a red circle"])
     for arguments, message in ((["--batch-size", "0"], "--batch-size 0: expected an int >= 1"),
                                (["--guidance", "nan"], "--guidance nan: expected a finite number")):  # fmt: skip
@@ -248,7 +312,7 @@ def test_two_processes_with_batch_3_make_the_images_of_one_process_with_batch_1(
     assert code == 0, err
     assert "made 12 images" in out and "on 2 process(es)" in out and out.count("wrote") == 1
     assert len(re.findall(r"images:\s+0%.* 0/12 \[", err)) == 1  # one bar, on the main process
-    assert _images(tmp_path / "out") == _images(one_process_run) == [f"{n:06d}-00.png" for n in range(1, 13)]
+    assert _images(tmp_path / "out") == _images(one_process_run) == [f"{n:08d}-000.png" for n in range(1, 13)]
     for name in _images(one_process_run):
         assert np.abs(_pixels(tmp_path / "out" / name) - _pixels(one_process_run / name)).max() <= 1, name
     assert (tmp_path / "out" / "metadata.jsonl").read_text() == (one_process_run / "metadata.jsonl").read_text()
@@ -278,7 +342,7 @@ def test_a_run_killed_midway_is_completed_by_a_rerun(tmp_path):
     assert code == 0, err
     assert f"made {12 - len(made_before)} images" in stdout and f"kept {len(made_before)} of an earlier run" in stdout
     names = _images(out)
-    assert names == [f"{n:06d}-00.png" for n in range(1, 13)]
+    assert names == [f"{n:08d}-000.png" for n in range(1, 13)]
     assert sorted(p.name for p in out.iterdir()) == [*names, "metadata.jsonl"]  # nothing half-written left
     assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]

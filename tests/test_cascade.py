@@ -351,6 +351,10 @@ def test_from_stages_and_constructor_reject_misfits(pipeline_components, tiny_up
         (dict(stage_2_strength=0.8), r"stage 2 \(the stage_2_\* arguments\): strength=0.8 .*text-to-image runs"),
         (dict(stage_1_strength=True), r"stage 1 \(the stage_1_\* arguments\): strength=True applies to img2img"),
         (dict(stage_1_guidance_scale="high"), r"stage 1 .*guidance_scale='high'"),
+        (dict(stage_2_guidance_scale=float("nan")), r"stage 2 .*guidance_scale=nan: expected a finite number"),
+        (dict(stage_3_guidance_scale=float("inf")), r"stage_3_guidance_scale=inf: expected a finite number"),
+        (dict(stage_2_redraw_augmentation_noise="no"), r"stage_2_redraw_augmentation_noise='no': expected True or"),
+        (dict(clean_caption=1), r"clean_caption=1: expected True or False"),
         (dict(stage_2_noise_level=1000), r"stage 2 .*noise_level=1000"),
         (dict(stage_2_low_res_consistency_factor=3), r"stage 2 .*low_res_consistency_factor=3: .*\(64, 64\)"),
         (
@@ -370,6 +374,7 @@ def test_from_stages_and_constructor_reject_misfits(pipeline_components, tiny_up
     ],
 )
 def test_bad_input_fails_before_any_model_runs(cascade, call, message):
+    """`__call__` and `check_inputs` (the same checks, no model at all) refuse it alike."""
     pipeline = cascade()
 
     def refuse(*args):
@@ -380,11 +385,27 @@ def test_bad_input_fails_before_any_model_runs(cascade, call, message):
         c.register_forward_pre_hook(refuse) for c in pipeline.components.values() if isinstance(c, torch.nn.Module)
     ]
     try:
-        with pytest.raises(ValueError, match=message):
-            pipeline(**{"prompt": PROMPTS, **call})
+        for method in (pipeline, pipeline.check_inputs):
+            with pytest.raises(ValueError, match=message):
+                method(**{"prompt": PROMPTS, **call})
     finally:
         for hook in hooks:
             hook.remove()
+
+
+@pytest.mark.parametrize("mode", ["text2img", "img2img", "inpaint"])
+def test_check_inputs_accepts_a_good_call_without_running_a_model(cascade, mode):
+    pipeline = cascade()
+    calls = []
+    hooks = [c.register_forward_pre_hook(lambda *args: calls.append(1)) for c in pipeline.components.values()
+             if isinstance(c, torch.nn.Module)]  # fmt: skip
+    images = {"img2img": dict(image=_source()), "inpaint": dict(image=_source(), mask_image=_mask())}.get(mode, {})
+    try:
+        assert pipeline.check_inputs(PROMPTS, **images, stage_1_guidance_scale=5.0) is None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == [] and not pipeline._checks_only
 
 
 def test_offload_sequence_names_every_model(cascade):

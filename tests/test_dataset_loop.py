@@ -47,7 +47,7 @@ def batch_folder(tmp_path_factory) -> Path:
 
 def test_batch_output_trains_stage_ii_of_the_bundled_cascade_and_generate_runs_the_result(batch_folder, tmp_path):
     folder = CaptionedImageFolder(batch_folder, 128)
-    assert folder.captions == PROMPTS and folder.files == [f"{n:06d}-00.png" for n in range(1, 5)]
+    assert folder.captions == PROMPTS and folder.files == [f"{n:08d}-000.png" for n in range(1, 5)]
     output = tmp_path / "full"
     assert main(["train", "--stage", "II", "--train-data", str(batch_folder), "--resolution", "128", "--output-dir",
                  str(output), *TRAIN]) == 0  # fmt: skip
@@ -65,9 +65,10 @@ def test_a_lora_of_stage_i_on_resized_batch_images_is_merged_into_the_cascade(ba
     """LoRA training of stage I on the 128x128 images resized to 32 (`--resize`): `lora/` holds the adapter for
     `load_lora_weights`, `pipeline/` the cascade whose stage I has it merged (the same outputs), and `generate`
     runs that cascade."""
-    output = tmp_path / "lora"
-    assert main(["train", "--stage", "I", "--train-data", str(batch_folder), "--resolution", "32", "--resize",
-                 "--lora-rank", "4", "--output-dir", str(output), *TRAIN]) == 0  # fmt: skip
+    output, saved = tmp_path / "lora", tmp_path / "my-cascade"
+    load_demo_cascade().save_pretrained(saved)  # a cascade folder of the user's, not the bundled one
+    assert main(["train", "--model", str(saved), "--stage", "I", "--train-data", str(batch_folder), "--resolution",
+                 "32", "--resize", "--lora-rank", "4", "--output-dir", str(output), *TRAIN]) == 0  # fmt: skip
     bundled, merged = load_demo_cascade(), IFCascadePipeline.from_pretrained(output / "pipeline")
     assert _same(_state(merged.stage_2_unet), _state(bundled.stage_2_unet))
     stage_1 = IFPipeline(tokenizer=bundled.tokenizer, text_encoder=bundled.text_encoder, unet=bundled.stage_1_unet,
@@ -123,7 +124,7 @@ def _imagefolder(root: Path, rows: list[dict], sizes: dict[str, int] | None = No
 def test_an_imagefolder_reads_its_caption_column_and_subfolders(tmp_path):
     rows = [{"file_name": "a/1.png", "text": "a red circle", "prompt": "p1"},
             {"file_name": "2.png", "text": "a green square", "prompt": "p2"}]  # fmt: skip
-    folder = _imagefolder(tmp_path, rows)
+    folder = _imagefolder(tmp_path / ".cache" / "data", rows)  # a hidden folder above it hides none of its images
     assert CaptionedImageFolder(folder, 16).captions == ["p1", "p2"]  # prompt first, then text
     assert CaptionedImageFolder(folder, 16, caption_column="text").captions == ["a red circle", "a green square"]
     assert CaptionedImageFolder(folder, 16)[0][0].size == (16, 16)
@@ -160,6 +161,28 @@ def test_a_bad_imagefolder_is_named(tmp_path, case, message):
         (tmp_path / "captions.jsonl").write_text(json.dumps({"file": "1.png", "caption": "a"}) + "\n")
     with pytest.raises(ValueError, match=message):
         CaptionedImageFolder(tmp_path, 16, caption_column=caption_column)
+
+
+def test_a_hidden_folder_above_the_data_does_not_hide_an_uncaptioned_image(tmp_path):
+    folder = _imagefolder(tmp_path / ".cache" / "data", [{"file_name": "1.png", "text": "a"}])
+    PIL.Image.new("RGB", (16, 16)).save(folder / "2.png")
+    PIL.Image.new("RGB", (16, 16)).save(folder / ".thumbnail.png")  # hidden itself: not part of the dataset
+    with pytest.raises(ValueError, match=r"2\.png has no caption \(1 image\(s\) without one\)"):
+        CaptionedImageFolder(folder, 16)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--train-data", "x", "--image-column", "picture"], "--image-column applies to --dataset-name only"),
+        (["--synthetic-shapes", "4", "--caption-column", "text"], "--caption-column applies to --train-data or"),
+        (["--synthetic-shapes", "4", "--resize"], "--resize applies to --train-data or --dataset-name only"),
+    ],
+)
+def test_training_options_that_do_not_apply_to_the_data_are_refused(tmp_path, capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--stage", "I", "--resolution", "32", "--output-dir", str(tmp_path / "o"), *arguments])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_resize_and_crop_keeps_the_centre_of_the_short_side_scaled():

@@ -261,6 +261,13 @@ def test_strength_outside_zero_one(guarded, name, strength):
     _rejects(guarded(name), f"strength={strength!r}: expected a number in (0, 1]", **_call(name, strength=strength))
 
 
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("guidance_scale", [float("nan"), float("inf"), -float("inf"), "7", True, None])
+def test_guidance_scale_that_is_not_a_finite_number(guarded, name, guidance_scale):
+    message = f"guidance_scale={guidance_scale!r}: expected a finite number (> 1 enables guidance)"
+    _rejects(guarded(name), message, **_call(name, guidance_scale=guidance_scale))
+
+
 @pytest.mark.parametrize("name", WITH_STRENGTH)
 def test_strength_that_keeps_no_step(guarded, name):
     message = "strength=0.2 keeps int(4 * 0.2) = 0 of 4 steps; expected strength >= 1/4, or more steps"

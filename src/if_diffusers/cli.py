@@ -25,10 +25,8 @@ import PIL.Image
 from . import generation_options as options
 from .batch import command_line as batch_command
 from .conversion import command_line as convert_command
-from .image_processing import image_grid
+from .image_processing import image_grid, read_image
 from .training import command_line as train_command
-
-MODES = ("text2img", "img2img", "inpaint")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "convert":
         return convert_command.run(convert, args)
     if args.command == "train":
-        return train_command.run_train(args)
+        return train_command.run_train(args, train)
     if args.command == "batch":
         return batch_command.run(batch, args)
     return run_generate(generate, args)
@@ -58,7 +56,7 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the text to draw")
     parser.add_argument("-o", "--output", default="out.png", help="image file to write (default out.png)")
     options.add_model_arguments(parser)
-    parser.add_argument("--mode", choices=MODES, default="text2img")
+    parser.add_argument("--mode", choices=options.MODES, default="text2img")
     parser.add_argument("--image", help="img2img / inpaint: the source image file")
     parser.add_argument("--mask", help="inpaint: the mask image file (white where to repaint)")
     options.add_sampling_arguments(parser)
@@ -77,8 +75,8 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     try:
         options.check_output_file(Path(args.output))
         device, dtype = options.resolve_device(args.device, args.dtype, args.offload)
-        image = _open(args.image, "RGB", "--image") if args.image else None
-        mask = _open(args.mask, "L", "--mask") if args.mask else None
+        image = read_image(args.image, "RGB", "--image") if args.image else None
+        mask = read_image(args.mask, "L", "--mask") if args.mask else None
         pipeline = options.load_cascade(args, dtype, device, [args.prompt])
         output = pipeline(
             args.prompt, image=image, mask_image=mask, negative_prompt=args.negative_prompt,
@@ -94,14 +92,6 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     for path in written:
         print(f"wrote {path}")
     return 0
-
-
-def _open(path: str, mode: str, option: str) -> PIL.Image.Image:
-    try:
-        with PIL.Image.open(path) as image:
-            return image.convert(mode)
-    except (OSError, PIL.UnidentifiedImageError) as error:
-        raise ValueError(f"{option} {path!r}: cannot read the image ({error})") from error
 
 
 def save_images(output: Path, result) -> list[Path]:

@@ -4,7 +4,7 @@ options become, and the seeds of the images.
 
 Seeds: image k of a prompt with seed S is drawn with its own generator seeded S + k (diffusers' one generator per
 image), so an image is the same whichever batch it is made in: `generate --seed S --num-images 4`'s third image is
-`generate --seed S+2`'s image, and `batch` reproduces `generate` line by line.
+`generate --seed S+2`'s image, and a `batch` line with seed S makes `generate --seed S`'s images.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import PIL.Image
 import torch
@@ -23,10 +23,15 @@ from . import demo_cascade
 from .installed_versions import dtype_argument
 from .synthetic import shapes
 
+if TYPE_CHECKING:
+    from .pipelines import IFCascadePipeline
+
+MODES = ("text2img", "img2img", "inpaint")
 OFFLOAD = ("none", "model", "sequential")
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64 - 1; JSON and int64 columns up to this
 BUNDLED_MODEL = "if_diffusers/demo_model"  # the model id that metadata records for the bundled demo cascade
+MAX_NAMED_WORDS = 10  # of a prompt file's words unknown to the bundled model, the warning names the first ones
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,15 +64,16 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, per_prompt: str = ""
 
 def check_sampling_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """argparse's exit 2 with one message for a number no model could take (before anything loads)."""
-    if args.num_images < 1 or (args.steps is not None and args.steps < 1):
-        parser.error("--num-images and --steps must be positive")
+    for option, value in (("--num-images", args.num_images), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            parser.error(f"{option} {value}: expected an int >= 1")
     if args.guidance is not None and not math.isfinite(args.guidance):
         parser.error(f"--guidance {args.guidance}: expected a finite number (> 1 enables guidance)")
     if args.low_res_consistency is not None and (args.low_res_consistency < 0 or args.low_res_consistency == 1):
         parser.error(f"--low-res-consistency is {args.low_res_consistency}; expected 0 (off) or an int >= 2 that "
                      "divides stage II's output size")  # fmt: skip
-    if not 0 <= args.seed <= MAX_SEED - args.num_images:
-        parser.error(f"--seed {args.seed}: expected an int in [0, {MAX_SEED - args.num_images}]")
+    if not 0 <= args.seed <= MAX_SEED + 1 - args.num_images:  # seeds seed, ..., seed + num_images - 1
+        parser.error(f"--seed {args.seed}: expected an int in [0, {MAX_SEED + 1 - args.num_images}]")
 
 
 def resolve_device(device: str | None, dtype: str | None, offload: str = "none") -> tuple[torch.device, torch.dtype]:
@@ -116,11 +122,21 @@ def check_writable_parent(path: Path, option: str) -> None:
 
 
 def model_ids(args: argparse.Namespace) -> dict[str, str | None]:
-    """What was loaded, as recorded beside the images: folders and hub ids as given, the bundled model by name."""
-    return {"model": args.model or BUNDLED_MODEL, "stage_2": args.stage_2, "stage_3": args.stage_3}
+    """What was loaded, as recorded beside the images: hub ids as given, folders as given but normalised (`./m/` is
+    `m`), the bundled model by name."""
+
+    def named(source: str | None) -> str | None:
+        return os.path.normpath(source) if source is not None and Path(source).exists() else source
+
+    return {
+        "model": named(args.model) or BUNDLED_MODEL,
+        "stage_2": named(args.stage_2),
+        "stage_3": named(args.stage_3),
+    }
 
 
-def load_cascade(args: argparse.Namespace, dtype: torch.dtype, device: torch.device, prompts: list[str]):
+def load_cascade(args: argparse.Namespace, dtype: torch.dtype, device: torch.device,
+                 prompts: list[str]) -> IFCascadePipeline:  # fmt: skip
     """The cascade the options name, moved to `device` or offloaded to it; ValueError for inconsistent model options.
     For the bundled model, warns (stderr) about words of `prompts` it does not know."""
     from .pipelines import IFCascadePipeline
@@ -128,9 +144,11 @@ def load_cascade(args: argparse.Namespace, dtype: torch.dtype, device: torch.dev
     if args.model is None:
         if args.stage_2 is not None or args.stage_3 is not None:
             raise ValueError("--stage-2 and --stage-3 need --model (stage I's folder or hub id)")
-        unknown = sorted({word for prompt in prompts for word in demo_cascade.unknown_words(prompt)})
+        unknown = list(dict.fromkeys(word for prompt in prompts for word in demo_cascade.unknown_words(prompt)))
         if unknown:
-            print(f"warning: the bundled demo model knows only the words of its shape captions; {unknown} are unknown "
+            named = f"{unknown[:MAX_NAMED_WORDS]}" + (f" and {len(unknown) - MAX_NAMED_WORDS} more" if len(unknown) >
+                                                      MAX_NAMED_WORDS else "")  # fmt: skip
+            print(f"warning: the bundled demo model knows only the words of its shape captions; {named} are unknown "
                   f"to it. Known words: {' '.join(shapes.caption_vocabulary())}", file=sys.stderr)  # fmt: skip
         pipeline = demo_cascade.load_demo_cascade(dtype)
     elif args.stage_2 is None:
@@ -173,5 +191,6 @@ def image_seeds(seed: int, count: int) -> list[int]:
 
 
 def generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
-    """One generator per image (diffusers' convention for reproducible batches), on `device` (CPU under offload)."""
+    """One generator per image (diffusers' convention for reproducible batches), on `device`, where the models run
+    (the accelerator, under offload too)."""
     return [torch.Generator(device).manual_seed(seed) for seed in seeds]

@@ -16,6 +16,19 @@ import torch
 from diffusers.utils import PIL_INTERPOLATION
 
 ImageInput = Any  # PIL.Image.Image | np.ndarray | torch.Tensor | a list of them
+# Image files read as training data and counted as images of a dataset folder (datasets' imagefolder takes these too).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def read_image(path, mode: str, argument: str) -> PIL.Image.Image:
+    """The image file `path`, decoded in full (a truncated file fails here) and converted to `mode` ("RGB", "L");
+    ValueError naming `argument` for a file that is missing or not an image."""
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            return image.convert(mode)
+    except (OSError, PIL.UnidentifiedImageError, SyntaxError, ValueError) as error:
+        raise ValueError(f"{argument} {str(path)!r}: cannot read the image ({error})") from None
 
 
 def resize_keeping_aspect(image: PIL.Image.Image, size: int) -> PIL.Image.Image:

@@ -5,12 +5,10 @@ draws a deprecation warning its user cannot act on.
 - `CLIPImageProcessor`, the class of IF's safety-checker feature extractor: transformers 5 backs that name with
   torchvision and, without torchvision, serves `CLIPImageProcessorPil` under it with a warning at the first import,
   which diffusers' own pipeline modules make. Resolved here first (this module is imported before any other of the
-  package), so that every later import gets the same class, quietly.
+  package), quietly; later imports get the same class, and the warning is not repeated.
 """
 
 from __future__ import annotations
-
-import sys
 
 import diffusers
 import torch
@@ -27,17 +25,16 @@ def dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
 
 
 def _clip_image_processor() -> type:
-    from transformers.utils import is_torchvision_available
+    """The class, resolved once with transformers' logging at errors only: its fallback warning is logged once per
+    process (`warning_once`), so this quiet first time is the only time."""
+    from transformers.utils import logging as transformers_logging
 
-    pil_fallback = "CLIPImageProcessorPil"
-    if is_torchvision_available() or pil_fallback not in getattr(transformers, "_class_to_module", {}):
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
         return transformers.CLIPImageProcessor
-    fallback = getattr(transformers, pil_fallback)
-    # what transformers' own fallback does, without the warning; on the module `import transformers` now finds (the
-    # lazy import of the fallback has put another module object in sys.modules)
-    for module in {id(m): m for m in (transformers, sys.modules["transformers"])}.values():
-        setattr(module, "CLIPImageProcessor", fallback)
-    return fallback
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 CLIPImageProcessor = _clip_image_processor()

@@ -13,7 +13,7 @@ prompt file: .txt (one prompt a line) or .jsonl, one object a line: {"prompt": "
 "seed": 7, "num_images": 2, "mode": "img2img", "image": "in/7.png", "mask": "in/7-mask.png",
 "stage_1_guidance_scale": 5, ...} (every field but prompt optional; per-stage settings under IFCascadePipeline's
 keyword names). Image k of a line is drawn with seed + k; a line without a seed gets one derived from --seed and its
-line number. Output: FOLDER/000001-00.png ... with their parameters in the PNG text, and FOLDER/metadata.jsonl
+line number. Output: FOLDER/00000001-000.png ... with their parameters in the PNG text, and FOLDER/metadata.jsonl
 (datasets.load_dataset("imagefolder", data_dir=FOLDER)). Rerun the same command to finish an interrupted run.
 
   if-diffusers batch prompts.txt -o shapes --batch-size 8

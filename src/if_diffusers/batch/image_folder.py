@@ -1,13 +1,19 @@
 """The output of `if-diffusers batch`: a Hugging Face `imagefolder` dataset, written so that it can be interrupted and
 resumed at any point.
 
-    FOLDER/000001-00.png   line 1's first image, its row (below) in the PNG text chunk "parameters" as JSON
-    FOLDER/000001-01.png   ...
-    FOLDER/metadata.jsonl  one row per image, written last: `datasets.load_dataset("imagefolder", data_dir=FOLDER)`
+    FOLDER/00000001-000.png  line 1's first image, its row (below) in the PNG text chunk "parameters" as JSON
+    FOLDER/00000001-001.png  ...
+    FOLDER/metadata.jsonl    one row per image, written last: `datasets.load_dataset("imagefolder", data_dir=FOLDER)`
+
+A row: `file_name`, `line`, `image_index`, `prompt`, `negative_prompt`, `seed`, `mode`, `source_image` and
+`mask_image` (the line's files, as it names them) with their `..._sha256`, `settings` (the cascade's keyword
+arguments, as JSON), `model`, `stage_2`, `stage_3`, `dtype`, `if_diffusers_version`.
 
 Each image is written to a hidden temporary file beside its name, then renamed: a file under an image's name is
-always complete. A rerun keeps an image whose file decodes in full and whose row equals the one it would make now,
-and remakes the others; hidden temporary files of a killed run are removed when the next one starts.
+always complete. A rerun keeps an image whose file decodes in full and whose row equals the one it would make now
+(the same parameters, model and package version), and remakes the others; hidden temporary files of a killed run
+are removed when the next one starts, and so is `metadata.jsonl` when images are to be made (until it is written
+again, the folder is not a complete dataset).
 """
 
 from __future__ import annotations
@@ -20,22 +26,23 @@ from typing import Any
 import PIL.Image
 import PIL.PngImagePlugin
 
+from ..generation_options import check_writable_parent
+from ..image_processing import IMAGE_SUFFIXES
+
 METADATA = "metadata.jsonl"
 PARAMETERS_KEY = "parameters"  # the PNG text chunk holding the image's row, as JSON
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TEMPORARY_SUFFIX = ".partial"
 
 
 def image_name(line: int, index: int) -> str:
-    """`000001-00.png`: line 1's first image (zero-padded so that names sort in file order)."""
-    return f"{line:06d}-{index:02d}.png"
+    """`00000001-000.png`: line 1's first image (zero-padded so that names sort in file order, up to 10**8 lines and
+    1000 images a line)."""
+    return f"{line:08d}-{index:03d}.png"
 
 
 def check_output_folder(folder: Path, names: set[str]) -> None:
     """`folder` is a folder or can be made, and holds no image that this run would not name (it would enter the
     dataset without a row): ValueError naming the option, before anything loads."""
-    from ..generation_options import check_writable_parent
-
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--output {str(folder)!r} is a file; expected a folder (new, or of an earlier run)")
     check_writable_parent(folder / METADATA, "--output")
@@ -56,6 +63,11 @@ def remove_leftovers(folder: Path) -> int:
     for path in leftovers:
         path.unlink()
     return len(leftovers)
+
+
+def remove_metadata(folder: Path) -> None:
+    """Before images are (re)made: an earlier run's rows would describe images that are about to change."""
+    (folder / METADATA).unlink(missing_ok=True)
 
 
 def is_complete(folder: Path, row: dict[str, Any]) -> bool:

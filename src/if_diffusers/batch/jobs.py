@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import PIL.Image
 
+from ..generation_options import MAX_SEED
+from ..image_processing import read_image
 from .image_folder import image_name
-from .prompt_file import PromptLine
+from .prompt_file import PromptLine, line_seed
 
 # The columns of a line's `image` and `mask` files (the dataset's own `image` column holds the generated image).
 SOURCE_COLUMNS = {"image": "source_image", "mask": "mask_image"}
@@ -22,13 +25,27 @@ STEP_SETTINGS = [(f"stage_{n}_timesteps", f"stage_{n}_num_inference_steps") for 
 
 
 @dataclass(frozen=True)
+class RunDefaults:
+    """What the command's options give a line that does not say: `seed` (lines without one derive theirs from it
+    and their number), `num_images`, `negative_prompt`, the cascade `settings(mode)`, and `record`, the run's
+    columns of every row (model ids, dtype, package version)."""
+
+    seed: int
+    num_images: int
+    negative_prompt: str | None
+    settings: Callable[[str], dict[str, Any]]
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class ImageJob:
-    """Image `index` of `line`, drawn with its own generator seeded `seed`, by a cascade call with `settings`;
-    `row` is its metadata (`image_folder`)."""
+    """Image `index` of `line`, drawn with its own generator seeded `seed`, by a cascade call with `settings` and
+    `negative_prompt`; `row` is its metadata (`image_folder`)."""
 
     line: PromptLine
     index: int
     seed: int
+    negative_prompt: str | None
     settings: dict[str, Any]
     row: dict[str, Any]
     call_key: str  # jobs with equal keys can share one cascade call: the same mode, settings and source-image sizes
@@ -45,13 +62,16 @@ def merge_settings(run: dict[str, Any], line: dict[str, Any]) -> dict[str, Any]:
     return {**run, **line}
 
 
-def plan_jobs(lines: list[PromptLine], seeds: list[int], num_images: list[int], run_settings, record: dict[str, Any]):
-    """One `ImageJob` per image: line `lines[i]` makes `num_images[i]` images from seeds `seeds[i]`, `+ 1`, ...;
-    `run_settings(mode)` gives the run's cascade settings for a mode, and `record` the run's fields of every row
-    (model ids, dtype, package version)."""
+def plan_jobs(lines: list[PromptLine], defaults: RunDefaults, prompt_file: Path) -> list[ImageJob]:
+    """One `ImageJob` per image, in file order: image k of a line is drawn from the line's seed + k."""
     jobs = []
-    for line, seed, count in zip(lines, seeds, num_images):
-        settings = merge_settings(run_settings(line.mode), line.settings)
+    for line in lines:
+        seed, count = line_seed(line, defaults.seed), line.num_images or defaults.num_images
+        if seed + count - 1 > MAX_SEED:
+            raise ValueError(f"{prompt_file} line {line.number}: field 'seed' is {seed}; with {count} images, "
+                             f"expected at most {MAX_SEED + 1 - count}")  # fmt: skip
+        negative = line.negative_prompt if line.negative_prompt is not None else defaults.negative_prompt
+        settings = merge_settings(defaults.settings(line.mode), line.settings)
         sources, sizes = {}, []
         for name, column in SOURCE_COLUMNS.items():
             path = line.source(name)
@@ -61,10 +81,10 @@ def plan_jobs(lines: list[PromptLine], seeds: list[int], num_images: list[int], 
         key = json.dumps([line.mode, settings, sizes], sort_keys=True)
         for index in range(count):
             row = {"file_name": image_name(line.number, index), "line": line.number, "image_index": index,
-                   "prompt": line.prompt, "negative_prompt": line.negative_prompt, "seed": seed + index,
-                   "mode": line.mode, **sources, "settings": json.dumps(settings, sort_keys=True), **record}  # fmt: skip
+                   "prompt": line.prompt, "negative_prompt": negative, "seed": seed + index, "mode": line.mode,
+                   **sources, "settings": json.dumps(settings, sort_keys=True), **defaults.record}  # fmt: skip
             # the row as JSON reads it back (tuples as lists), so that a rerun can compare it with an image's own
-            jobs.append(ImageJob(line, index, seed + index, settings, json.loads(json.dumps(row)), key))
+            jobs.append(ImageJob(line, index, seed + index, negative, settings, json.loads(json.dumps(row)), key))
     return jobs
 
 
@@ -82,30 +102,30 @@ def call_arguments(batch: list[ImageJob]) -> dict[str, Any]:
     negative prompts ("" stands for none, as the pipelines encode none), source images and masks, settings."""
     lines = [job.line for job in batch]
     negatives = None
-    if any(line.negative_prompt is not None for line in lines):
-        negatives = [line.negative_prompt or "" for line in lines]
+    if any(job.negative_prompt is not None for job in batch):
+        negatives = [job.negative_prompt or "" for job in batch]
     arguments = dict(prompt=[line.prompt for line in lines], negative_prompt=negatives, **batch[0].settings)
     if "stage_3_prompt" in arguments:  # a line's text, for each of its images
         arguments["stage_3_prompt"] = [arguments["stage_3_prompt"]] * len(batch)
     if lines[0].image is not None:
-        arguments["image"] = [_open(line.source("image"), "RGB") for line in lines]
+        arguments["image"] = [read_image(line.source("image"), "RGB", "image") for line in lines]
     if lines[0].mask is not None:
-        arguments["mask_image"] = [_open(line.source("mask"), "L") for line in lines]
+        arguments["mask_image"] = [read_image(line.source("mask"), "L", "mask") for line in lines]
     return arguments
 
 
 def check_calls(pipeline, jobs: list[ImageJob], prompt_file: Path) -> None:
-    """Every distinct call of `jobs` through `pipeline.check_inputs` (no model runs): ValueError naming the prompt
-    file's line for the first the cascade refuses."""
+    """Every distinct call of `jobs` through `pipeline.check_inputs` (an `IFCascadePipeline`; no model runs):
+    ValueError naming the prompt file's line for the first the cascade refuses."""
     checked = set()
     for job in jobs:
-        key = (job.call_key, job.line.image, job.line.mask, job.line.negative_prompt is None)
+        key = (job.call_key, job.line.image, job.line.mask, job.negative_prompt is None)
         if key in checked:
             continue
         checked.add(key)
         try:
             pipeline.check_inputs(**call_arguments([job]))
-        except ValueError as error:
+        except (ValueError, TypeError) as error:
             raise ValueError(f"{prompt_file} line {job.line.number}: {error}") from None
 
 
@@ -114,8 +134,3 @@ def _size(path: Path | None) -> tuple[int, int] | None:
         return None
     with PIL.Image.open(path) as image:
         return image.size
-
-
-def _open(path: Path, mode: str) -> PIL.Image.Image:
-    with PIL.Image.open(path) as image:
-        return image.convert(mode)

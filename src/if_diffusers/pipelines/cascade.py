@@ -33,6 +33,7 @@ from ..models import IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
 from .cascade_inputs import (
     MODE_DEFAULTS,
     STAGE_3_MAX_NOISE_LEVEL,
+    check_flags,
     mode_inputs,
     stage_3_texts,
     stage_arguments,
@@ -221,9 +222,9 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
     _checks_only = False  # set by check_inputs: __call__ returns after its checks
 
     def check_inputs(self, *args, **kwargs) -> None:
-        """Every check `__call__` makes of these arguments (the same ones, e.g. `pipe.check_inputs("a prompt",
-        stage_1_guidance_scale=5)`), without running a model: a `ValueError` naming the argument for the first bad
-        one, else `None`. Checks a batch of calls before the first image is made."""
+        """The checks `__call__` makes of these arguments (the same ones, e.g. `pipe.check_inputs("a prompt",
+        stage_1_guidance_scale=5)`) before its first model runs, without running one: a `ValueError` naming the
+        argument for the first bad one, else `None`. Checks a batch of calls before the first image is made."""
         self._checks_only = True
         try:
             self(*args, **kwargs)
@@ -328,6 +329,8 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
         noise_level_2 = _default(stage_2_noise_level, defaults.stage_2_noise_level)
 
         # --- every check, before any model runs ---
+        check_flags(clean_caption=clean_caption, stage_2_redraw_augmentation_noise=stage_2_redraw_augmentation_noise,
+                    keep_unmasked_pixels=keep_unmasked_pixels, return_intermediates=return_intermediates)  # fmt: skip
         batch_size = check_common_inputs(
             stage_1, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
             output_type, 1, callback_on_step_end_tensor_inputs, max_sequence_length, generator=generator,

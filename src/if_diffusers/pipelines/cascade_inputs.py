@@ -35,6 +35,13 @@ MODE_DEFAULTS = {
 }
 
 
+def check_flags(**flags: Any) -> None:
+    """Switches are `True` or `False`: a string such as "false" would read as on."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r}: expected True or False")
+
+
 def stage_steps(stage: int, timesteps, num_inference_steps, preset) -> dict[str, Any]:
     """A stage pipeline's steps argument: explicit `timesteps`, else `num_inference_steps` evenly spaced steps,
     else the mode's preset."""

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python scripts/train.py ...`; returns the exit code."""
     parser = argparse.ArgumentParser(prog="if-diffusers train", description=DESCRIPTION)
     add_train_arguments(parser)
-    return run_train(parser.parse_args(argv))
+    return run_train(parser.parse_args(argv), parser)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +53,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset-name", help="a `datasets` dataset: a folder of `save_to_disk`, or a hub id "
                       "(its train split), read from --image-column and --caption-column")  # fmt: skip
     data.add_argument("--synthetic-shapes", type=int, metavar="N", help="train on N synthetic captioned shapes")
-    parser.add_argument("--image-column", default="image", help="--dataset-name's image column (default image)")
+    parser.add_argument("--image-column", help="--dataset-name's image column (default image)")
     parser.add_argument("--caption-column", help="the caption column of an imagefolder's metadata or of "
                         f"--dataset-name (default: the first of {', '.join(CAPTION_COLUMNS)} it has)")  # fmt: skip
     parser.add_argument("--resize", action="store_true", help="resize each image's short side to --resolution and "
@@ -72,8 +72,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite-output-dir", action="store_true")
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Check the options and data, load the model, train; errors are one line on stderr and exit code 1."""
+def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    """Check the options and data, load the model, train; errors are one line on stderr and exit code 1 (options
+    that do not fit together: argparse's exit 2, when `parser` is given)."""
+    misplaced = [(option, source) for option, given, source in (
+        ("--image-column", args.image_column is not None, args.dataset_name is None and "--dataset-name"),
+        ("--caption-column", args.caption_column is not None, args.synthetic_shapes is not None and
+         "--train-data or --dataset-name"),
+        ("--resize", args.resize, args.synthetic_shapes is not None and "--train-data or --dataset-name"),
+    ) if given and source]  # fmt: skip
+    if misplaced:
+        message = f"{misplaced[0][0]} applies to {misplaced[0][1]} only"
+        if parser is not None:
+            parser.error(message)
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     try:
         config = TrainingConfig(
             stage=args.stage, output_dir=args.output_dir, resolution=args.resolution,
@@ -137,8 +150,8 @@ def _dataset(args: argparse.Namespace):
     if args.train_data is not None:
         return CaptionedImageFolder(args.train_data, args.resolution, args.caption_column, args.resize)
     if args.dataset_name is not None:
-        return load_columns_dataset(args.dataset_name, args.image_column, args.caption_column, args.resolution,
-                                    args.resize)  # fmt: skip
+        return load_columns_dataset(args.dataset_name, args.image_column or "image", args.caption_column,
+                                    args.resolution, args.resize)  # fmt: skip
     from ..synthetic.shapes import ShapesDataset
 
     if args.synthetic_shapes < 1:

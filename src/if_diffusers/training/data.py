@@ -21,9 +21,8 @@ import PIL.Image
 import safetensors.torch
 import torch
 
-from ..image_processing import to_image_tensor
+from ..image_processing import IMAGE_SUFFIXES, to_image_tensor
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_FILES = ("captions.jsonl", "captions.csv", "metadata.jsonl", "metadata.csv")
 CAPTION_COLUMNS = ("prompt", "text", "caption")  # an imagefolder's caption column, when none is named
 
@@ -67,8 +66,8 @@ class CaptionedImageFolder:
         entries, caption_file = _read_captions(self.folder, caption_column)
         names = {name for name, _ in entries}
         pattern = "**/*" if caption_file.stem == "metadata" else "*"  # imagefolder rows may name subfolders' files
-        images = sorted(p.relative_to(self.folder).as_posix() for p in self.folder.glob(pattern)
-                        if p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.parts))  # fmt: skip
+        found = [p.relative_to(self.folder) for p in self.folder.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES]
+        images = sorted(p.as_posix() for p in found if not any(part.startswith(".") for part in p.parts))
         uncaptioned = [name for name in images if name not in names]
         if uncaptioned:
             raise ValueError(
@@ -93,13 +92,16 @@ class ColumnsDataset:
     """A `datasets.Dataset` (or any sequence of dicts) read as `(RGB PIL image, caption)` from two of its columns, as
     diffusers' training scripts read `--image_column` and `--caption_column`; `resize` as `CaptionedImageFolder`'s."""
 
-    def __init__(self, dataset, image_column: str, caption_column: str, resolution: int, resize: bool = False):
-        columns = getattr(dataset, "column_names", None) or (list(dataset[0]) if len(dataset) else [])
+    def __init__(self, dataset: Sequence[dict[str, Any]], image_column: str, caption_column: str, resolution: int,
+                 resize: bool = False):  # fmt: skip
+        if len(dataset) < 1:
+            raise ValueError(
+                f"the dataset ({type(dataset).__name__}) is empty; expected at least one (image, caption)"
+            )
+        columns = getattr(dataset, "column_names", None) or list(dataset[0])
         for option, name in (("image_column", image_column), ("caption_column", caption_column)):
             if name not in columns:
                 raise ValueError(f"{option}={name!r} is not a column of the dataset; it has {columns}")
-        if len(dataset) < 1:
-            raise ValueError("the dataset is empty; expected at least one (image, caption)")
         captions = (
             list(dataset[caption_column]) if hasattr(dataset, "column_names") else [r[caption_column] for r in dataset]
         )
@@ -167,22 +169,7 @@ def _read_captions(folder: Path, caption_column: str | None) -> tuple[list[tuple
     if caption_column is not None and path.stem != "metadata":
         raise ValueError(f"caption_column={caption_column!r} names a column of metadata.jsonl/.csv; {path.name} has "
                          "'file' and 'caption'")  # fmt: skip
-    if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {number} is not JSON ({error})") from error
-    else:
-        with path.open(newline="", encoding="utf-8") as file:
-            reader = csv.DictReader(file)
-            rows = list(reader)
-        needs = {"file", "caption"} if path.stem == "captions" else {"file_name"}
-        if reader.fieldnames is None or not needs <= set(reader.fieldnames):
-            raise ValueError(f"{path} has header {reader.fieldnames}; expected columns {sorted(needs)}")
+    rows = _caption_rows(path)
     if not rows:
         raise ValueError(f"{path} has no entries; expected one per image")
     file_key, caption_key = ("file", "caption") if path.stem == "captions" else ("file_name", caption_column)
@@ -208,6 +195,27 @@ def _read_captions(folder: Path, caption_column: str | None) -> tuple[list[tuple
         seen.add(name)
         entries.append((name, row[caption_key]))
     return entries, path
+
+
+def _caption_rows(path: Path) -> list:
+    """The rows of a caption file: one JSON value a non-blank line (.jsonl), or a dict a CSV row after a header that
+    names the layout's columns (.csv)."""
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path} line {number} is not JSON ({error})") from error
+        return rows
+    with path.open(newline="", encoding="utf-8-sig") as file:
+        reader = csv.DictReader(file)
+        rows = list(reader)
+    needs = {"file", "caption"} if path.stem == "captions" else {"file_name"}
+    if reader.fieldnames is None or not needs <= set(reader.fieldnames):
+        raise ValueError(f"{path} has header {reader.fieldnames}; expected columns {sorted(needs)}")
+    return rows
 
 
 def _check_image_file(path: Path, resolution: int | None) -> None:
