@@ -119,6 +119,15 @@ def test_a_prompt_file_of_another_kind_or_without_prompts_is_refused(tmp_path, n
         read_prompt_file(tmp_path / name)
 
 
+def test_every_line_setting_is_a_keyword_of_the_cascade():
+    import inspect
+
+    from if_diffusers.batch.prompt_file import SETTINGS
+
+    parameters = inspect.signature(IFCascadePipeline.__call__).parameters
+    assert set(SETTINGS) <= set(parameters) and "stage_2_noise_level" in SETTINGS
+
+
 def test_seeds_derive_from_the_run_seed_and_the_line_number_alone():
     line = PromptLine(5, "a")
     assert line_seed(PromptLine(5, "a", seed=42), 0) == 42
