@@ -454,3 +454,15 @@ def test_command_line_fine_tunes_a_saved_pipeline(straight_run, tmp_path, capsys
     assert _learning_rate(checkpoints / "checkpoint-2") == 0.0
     assert train_main([*arguments, "--resolution", "32"]) == 1
     assert "is 16x16; expected 32x32" in capsys.readouterr().err
+
+
+def test_lora_without_peft_installed_is_a_clear_error(tmp_path, monkeypatch):
+    """PEFT is an extra (`if-diffusers[lora]`): without it, LoRA training stops at the config, before any model."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    with pytest.raises(
+        ValueError, match=r"lora_rank=4: LoRA training needs the peft package \(pip install 'if-diffusers\[lora\]'\)"
+    ):
+        _config(tmp_path, lora_rank=4)

@@ -23,6 +23,7 @@ end `pipeline/` (a complete `save_pretrained` folder, written atomically; EMA we
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import re
 import shutil
@@ -204,6 +205,9 @@ class TrainingConfig:
             raise ValueError(f"validation_prompts={self.validation_prompts!r}: expected a list of strings")
         if self.validation_steps is not None and not self.validation_prompts:
             raise ValueError(f"validation_steps={self.validation_steps} but validation_prompts is empty")
+        if self.lora_rank is not None and importlib.util.find_spec("peft") is None:
+            raise ValueError(f"lora_rank={self.lora_rank}: LoRA training needs the peft package (pip install "
+                             "'if-diffusers[lora]'), which is not installed")  # fmt: skip
         self.output_dir = Path(self.output_dir)
 
 
