@@ -1,8 +1,10 @@
-"""Writing a folder all at once: readers see the old folder or the complete new one, never a half-written one."""
+"""Writing a folder or a file all at once: readers see the old one or the complete new one, never a half-written
+one."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -51,3 +53,22 @@ def _new_sibling(path: Path, tag: str) -> Path:
     folder = path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex}"
     folder.mkdir()
     return folder
+
+
+PARTIAL_SUFFIX = ".partial"  # of the hidden temporary files `atomic_file` writes (a killed writer leaves them)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a hidden temporary path beside `path` (`.NAME.PID.partial`) to write; on success it is flushed to disk
+    and renamed to `path` (replacing it), on failure removed. Several processes may write the same `path`."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+    try:
+        yield partial
+        with open(partial, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

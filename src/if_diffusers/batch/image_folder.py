@@ -19,19 +19,18 @@ again, the folder is not a complete dataset).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import PIL.Image
 import PIL.PngImagePlugin
 
+from ..atomic_folder import PARTIAL_SUFFIX, atomic_file
 from ..generation_options import check_writable_parent
 from ..image_processing import IMAGE_SUFFIXES
 
 METADATA = "metadata.jsonl"
 PARAMETERS_KEY = "parameters"  # the PNG text chunk holding the image's row, as JSON
-TEMPORARY_SUFFIX = ".partial"
 
 
 def image_name(line: int, index: int) -> str:
@@ -59,7 +58,7 @@ def check_output_folder(folder: Path, names: set[str]) -> None:
 
 def remove_leftovers(folder: Path) -> int:
     """Delete the hidden temporary files a killed run left; returns how many."""
-    leftovers = [p for p in folder.glob(f".*{TEMPORARY_SUFFIX}") if p.is_file()] if folder.is_dir() else []
+    leftovers = [p for p in folder.glob(f".*{PARTIAL_SUFFIX}") if p.is_file()] if folder.is_dir() else []
     for path in leftovers:
         path.unlink()
     return len(leftovers)
@@ -81,16 +80,12 @@ def is_complete(folder: Path, row: dict[str, Any]) -> bool:
 
 
 def write_image(folder: Path, row: dict[str, Any], image: PIL.Image.Image) -> Path:
-    """Write `image` as `row["file_name"]` with `row` in its PNG text, atomically (temporary file, fsync, rename)."""
+    """Write `image` as `row["file_name"]` with `row` in its PNG text, atomically (`atomic_file`)."""
     path = folder / row["file_name"]
-    partial = folder / f".{path.name}.{os.getpid()}{TEMPORARY_SUFFIX}"
     info = PIL.PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, json.dumps(row, sort_keys=True))
-    with open(partial, "wb") as file:
-        image.save(file, format="PNG", pnginfo=info)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
+    with atomic_file(path) as partial:
+        image.save(partial, format="PNG", pnginfo=info)
     return path
 
 
@@ -100,11 +95,6 @@ def write_metadata(folder: Path, rows: list[dict[str, Any]]) -> Path:
     if missing:
         raise ValueError(f"{folder}: {len(missing)} image(s) were not made (e.g. {missing[0]}); run the command again")
     path = folder / METADATA
-    partial = folder / f".{METADATA}.{os.getpid()}{TEMPORARY_SUFFIX}"
-    with open(partial, "w", encoding="utf-8") as file:
-        for row in rows:
-            file.write(json.dumps(row, sort_keys=True) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
+    with atomic_file(path) as partial:
+        partial.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows), encoding="utf-8")
     return path

@@ -13,7 +13,7 @@ from typing import Any
 
 import PIL.Image
 
-from ..generation_options import MAX_SEED
+from ..generation_options import MAX_SEED, image_seeds
 from ..image_processing import read_image
 from .image_folder import image_name
 from .prompt_file import PromptLine, line_seed
@@ -79,12 +79,12 @@ def plan_jobs(lines: list[PromptLine], defaults: RunDefaults, prompt_file: Path)
             sources[f"{column}_sha256"] = None if path is None else hashlib.sha256(path.read_bytes()).hexdigest()
             sizes.append(_size(path))
         key = json.dumps([line.mode, settings, sizes], sort_keys=True)
-        for index in range(count):
+        for index, image_seed in enumerate(image_seeds(seed, count)):
             row = {"file_name": image_name(line.number, index), "line": line.number, "image_index": index,
-                   "prompt": line.prompt, "negative_prompt": negative, "seed": seed + index, "mode": line.mode,
+                   "prompt": line.prompt, "negative_prompt": negative, "seed": image_seed, "mode": line.mode,
                    **sources, "settings": json.dumps(settings, sort_keys=True), **defaults.record}  # fmt: skip
             # the row as JSON reads it back (tuples as lists), so that a rerun can compare it with an image's own
-            jobs.append(ImageJob(line, index, seed + index, negative, settings, json.loads(json.dumps(row)), key))
+            jobs.append(ImageJob(line, index, image_seed, negative, settings, json.loads(json.dumps(row)), key))
     return jobs
 
 

@@ -47,10 +47,10 @@ def _run(state, args: argparse.Namespace, folder: Path) -> int:
     pipeline, jobs, device = prepared
     if not _agree(state, lambda: _clear(state, folder))[0]:
         return 1
-    ok, done = _agree(state, lambda: _completed(state, folder, jobs))
+    ok, shares = _agree(state, lambda: _completed(state, folder, jobs), shared=True)
     if not ok:
         return 1
-    done = set(_gather(state, done))
+    done = {i for share in shares for i in share}
     todo = [i for i in range(len(jobs)) if i not in done]
     if todo and not _agree(state, lambda: state.is_main_process and image_folder.remove_metadata(folder))[0]:
         return 1
@@ -81,7 +81,7 @@ def _prepare(state, args: argparse.Namespace, folder: Path):
     if state.num_processes > 1 and device.index is not None:
         raise ValueError(f"--device {args.device}: with {state.num_processes} processes each takes its own device "
                          f"({state.device.type}:LOCAL_RANK); pass --device {device.type}")  # fmt: skip
-    if device.type == state.device.type:
+    if device.index is None and device.type == state.device.type:
         device = state.device  # cuda:LOCAL_RANK
     _quiet_loading(state)
     prompts = [line.prompt for line in lines] if state.is_main_process else []  # warn once about unknown words
@@ -133,10 +133,10 @@ def _quiet_loading(state) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
-def _agree(state, step, bar: tqdm | None = None) -> tuple[bool, object]:
-    """`step()` on every process, then whether all succeeded: `(True, its result)`, or `(False, None)` on every
-    process when one failed (each distinct error printed once, by the main process, naming the processes it came
-    from, after closing `bar`)."""
+def _agree(state, step, bar: tqdm | None = None, shared: bool = False) -> tuple[bool, object]:
+    """`step()` on every process, then whether all succeeded: `(True, its result)` (with `shared`, the list of every
+    process's result), or `(False, None)` on every process when one failed (each distinct error printed once, by the
+    main process, naming the processes it came from, after closing `bar`)."""
     try:
         result, error = step(), None
     except EXPECTED_ERRORS as caught:
@@ -144,7 +144,8 @@ def _agree(state, step, bar: tqdm | None = None) -> tuple[bool, object]:
     except Exception as caught:  # a bug or a machine fault: its traceback, then stop every process
         traceback.print_exc()
         result, error = None, f"{type(caught).__name__}: {caught}"
-    errors = _gather(state, [error])
+    outcomes = _gather(state, [(error, result if shared else None)])
+    errors = [e for e, _ in outcomes]
     if bar is not None and any(e is not None for e in errors):
         bar.close()
     if state.is_main_process:
@@ -152,7 +153,9 @@ def _agree(state, step, bar: tqdm | None = None) -> tuple[bool, object]:
             ranks = [i for i, e in enumerate(errors) if e == message]
             where = "" if len(ranks) == state.num_processes else f"process {', '.join(map(str, ranks))}: "
             print(f"error: {where}{message}", file=sys.stderr)
-    return (False, None) if any(e is not None for e in errors) else (True, result)
+    if any(e is not None for e in errors):
+        return False, None
+    return True, [r for _, r in outcomes] if shared else result
 
 
 def _generate(state, pipeline, jobs: list[ImageJob], todo: list[int], batch_size: int, device: torch.device,
@@ -167,12 +170,11 @@ def _generate(state, pipeline, jobs: list[ImageJob], todo: list[int], batch_size
     start, made = time.perf_counter(), 0
     for round_ in range(rounds):
         step = lambda: _make(pipeline, mine[round_], device, folder) if round_ < len(mine) else 0  # noqa: E731
-        ok, count = _agree(state, step, bar)
+        ok, counts = _agree(state, step, bar, shared=True)
         if not ok:
             return None, time.perf_counter() - start
-        made_now = int(_sum(state, [float(count)])[0])
-        made += made_now
-        bar.update(made_now)
+        made += sum(counts)
+        bar.update(sum(counts))
     bar.close()
     return made, time.perf_counter() - start
 
@@ -193,17 +195,6 @@ def _gather(state, values: list) -> list:
     gathered: list = [None] * state.num_processes
     dist.all_gather_object(gathered, values)
     return [value for share in gathered for value in share]
-
-
-def _sum(state, values: list[float]) -> list[float]:
-    """`values` added up over the processes (a collective)."""
-    if state.num_processes == 1:
-        return values
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64, device=state.device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
 
 
 def _end(state) -> None:

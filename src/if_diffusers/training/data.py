@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -21,6 +20,7 @@ import PIL.Image
 import safetensors.torch
 import torch
 
+from ..atomic_folder import atomic_file
 from ..image_processing import IMAGE_SUFFIXES, to_image_tensor
 
 CAPTION_FILES = ("captions.jsonl", "captions.csv", "metadata.jsonl", "metadata.csv")
@@ -392,7 +392,6 @@ def embed_captions(
             table[caption] = embedding.contiguous()
             if folder is not None:
                 path = folder / f"{key[caption]}.safetensors"
-                partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-                safetensors.torch.save_file({"embedding": table[caption]}, partial)
-                os.replace(partial, path)
+                with atomic_file(path) as partial:
+                    safetensors.torch.save_file({"embedding": table[caption]}, partial)
     return table
