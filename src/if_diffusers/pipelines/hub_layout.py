@@ -141,12 +141,13 @@ class HubLayoutMixin:
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
+    def _dict_from_json_file(cls, json_file: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
         """`model_index.json` as diffusers' stock loader reads DeepFloyd's folders: `_class_name` a plain name, our
         UNet classes named as the stock class. diffusers reads the file through here in `load_config` and, for hub
         ids, in `download`, which would otherwise import the custom file (demanding `trust_remote_code`) and reject a
-        component library that is a module path (diffusers 0.42: "... is not a module in 'diffusers/pipelines'")."""
-        config = super()._dict_from_json_file(json_file)
+        component library that is a module path (diffusers 0.42: "... is not a module in 'diffusers/pipelines'").
+        `kwargs`: what the installed diffusers passes besides (0.35: `dduf_entries`)."""
+        config = super()._dict_from_json_file(json_file, **kwargs)
         if _is_entry(config.get("_class_name"), library=CUSTOM_PIPELINE_MODULE):
             config["_class_name"] = config["_class_name"][1]
         for name, (ours, stock) in _plugin_classes(cls).items():
