@@ -28,7 +28,8 @@ ENCODER_DIM = 64
 def _tokenizer(folder: Path):
     """A T5 tokenizer with a sentencepiece unigram vocabulary trained on a few captions (offline)."""
     import sentencepiece as spm
-    from transformers import T5Tokenizer
+
+    from if_diffusers.installed_versions import t5_tokenizer
 
     (folder / "captions.txt").write_text("\n".join(PROMPTS * 10))
     spm.SentencePieceTrainer.train(input=str(folder / "captions.txt"), model_prefix=str(folder / "spiece"),
@@ -37,7 +38,7 @@ def _tokenizer(folder: Path):
                                    minloglevel=2)  # fmt: skip
     pieces = spm.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
     vocab = [(pieces.id_to_piece(i), pieces.get_score(i)) for i in range(pieces.get_piece_size())]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
+    return t5_tokenizer(vocab, extra_ids=0)
 
 
 def _unet(stage: str, model_channels: int):

@@ -3,6 +3,13 @@ small T5 encoder and a T5 tokenizer trained on the spot. Everything is seeded; n
 
 from __future__ import annotations
 
+# ruff: noqa: E402
+# The Hub on localhost first (tests/local_hub.py): huggingface_hub reads HF_ENDPOINT and HF_HOME once, on import, and
+# the imports below reach it (if_diffusers imports diffusers).
+from local_hub import LocalHub, start_session_hub
+
+SESSION_HUB = start_session_hub()
+
 import importlib.util
 from pathlib import Path
 from types import ModuleType
@@ -117,7 +124,8 @@ def tiny_t5_folder(tmp_path_factory) -> Path:
 def tiny_tokenizer_folder(tmp_path_factory) -> Path:
     """A T5 tokenizer whose sentencepiece unigram vocabulary is trained here on a few captions."""
     import sentencepiece as spm
-    from transformers import T5Tokenizer
+
+    from if_diffusers.installed_versions import t5_tokenizer
 
     root = tmp_path_factory.mktemp("tokenizer")
     captions = ["a red circle on a blue background", "a small green square at the top left",
@@ -128,16 +136,19 @@ def tiny_tokenizer_folder(tmp_path_factory) -> Path:
                                    pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", minloglevel=2)  # fmt: skip
     pieces = spm.SentencePieceProcessor(model_file=str(root / "spiece.model"))
     vocab = [(pieces.id_to_piece(i), pieces.get_score(i)) for i in range(pieces.get_piece_size())]
-    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(root / "tokenizer")
+    t5_tokenizer(vocab, extra_ids=0).save_pretrained(root / "tokenizer")  # the same on transformers 4 and 5
     return root / "tokenizer"
 
 
 @pytest.fixture(scope="session")
 def tiny_text(tiny_t5_folder, tiny_tokenizer_folder):
     """(tokenizer, text_encoder) objects of the tiny T5."""
-    from transformers import T5EncoderModel, T5Tokenizer
+    from transformers import T5EncoderModel
 
-    return T5Tokenizer.from_pretrained(tiny_tokenizer_folder), T5EncoderModel.from_pretrained(tiny_t5_folder).eval()
+    from if_diffusers.installed_versions import t5_tokenizer_class
+
+    tokenizer = t5_tokenizer_class(tiny_tokenizer_folder).from_pretrained(tiny_tokenizer_folder)
+    return tokenizer, T5EncoderModel.from_pretrained(tiny_t5_folder).eval()
 
 
 def tiny_unet(stage: str, seed: int = 0):
@@ -176,7 +187,9 @@ def tiny_upscaler():
     low-res) and noise-level class labels, a VAE decoding x4, a CLIP text encoder of width 32 and a character-level
     CLIP tokenizer. Returned as the keyword arguments of `StableDiffusionUpscalePipeline` (no safety components)."""
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from if_diffusers.installed_versions import clip_tokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -195,7 +208,7 @@ def tiny_upscaler():
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: 2 + i for i, c in enumerate(letters)},
              **{f"{c}</w>": 28 + i for i, c in enumerate(letters)}}  # fmt: skip
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    tokenizer = clip_tokenizer(vocab, merges=[], model_max_length=77)
     # The repo's own settings: DDIM for sampling (the cascade swaps in DDPM as the original), DDPM for augmentation.
     beta = dict(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000)
     return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -216,3 +229,10 @@ def cascade_folder(pipeline_components, tiny_upscaler, tmp_path_factory) -> Path
               StableDiffusionUpscalePipeline(**tiny_upscaler))  # fmt: skip
     IFCascadePipeline.from_stages(*stages).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def local_hub() -> LocalHub:
+    """The session's Hub on localhost, which HF_ENDPOINT points at for this process and the subprocesses it starts.
+    Shared by every test, as is the cache under HF_HOME: give each repo an id of its own, and `clear_log()` first."""
+    return SESSION_HUB

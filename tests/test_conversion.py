@@ -42,11 +42,12 @@ def test_stage_1_hub_layout(checkpoint, tmp_path):
     output = convert_original_checkpoint(checkpoint, tmp_path / "out")
     index = json.loads((output / "model_index.json").read_text())
     assert index["_class_name"] == ["if_diffusers_pipeline", "IFPipeline"]
-    assert index["unet"] == ["if_diffusers.models.unet_if", "IFUNet2DConditionModel"]
+    assert index["unet"] == ["if_diffusers_model", "IFUNet2DConditionModel"]  # with unet/if_diffusers_model.py
     assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
     assert sorted(p.name for p in (output / "unet").iterdir()) == [
         "config.json",
         "diffusion_pytorch_model.safetensors",
+        "if_diffusers_model.py",
     ]
     scheduler = DDPMScheduler.from_pretrained(output / "scheduler").config
     assert (scheduler.beta_schedule, scheduler.variance_type, scheduler.thresholding) == (
@@ -64,7 +65,7 @@ def test_stage_2_hub_layout(tmp_path):
     output = convert_original_checkpoint(source, tmp_path / "out")
     index = json.loads((output / "model_index.json").read_text())
     assert index["_class_name"] == ["if_diffusers_pipeline", "IFSuperResolutionPipeline"]
-    assert index["unet"] == ["if_diffusers.models.unet_if_super_resolution", "IFSuperResUNet2DConditionModel"]
+    assert index["unet"] == ["if_diffusers_model", "IFSuperResUNet2DConditionModel"]
     assert DDPMScheduler.from_pretrained(output / "scheduler").config.sample_max_value == 1.0
     pipeline = DiffusionPipeline.from_pretrained(output, trust_remote_code=True)  # diffusers' loader, the folder alone
     assert type(pipeline.unet) is IFSuperResUNet2DConditionModel
@@ -106,7 +107,9 @@ def test_sharded_weights_load(checkpoint, tmp_path):
 
 
 def test_text_encoder_and_tokenizer_are_included(checkpoint, tmp_path, tiny_t5_folder, tiny_tokenizer_folder):
-    from transformers import T5EncoderModel, T5Tokenizer
+    from transformers import T5EncoderModel
+
+    from if_diffusers.installed_versions import t5_tokenizer_class
 
     output = convert_original_checkpoint(checkpoint, tmp_path / "out", text_encoder=tiny_t5_folder,
                                          tokenizer=tiny_tokenizer_folder)  # fmt: skip
@@ -117,8 +120,10 @@ def test_text_encoder_and_tokenizer_are_included(checkpoint, tmp_path, tiny_t5_f
         T5EncoderModel.from_pretrained(tiny_t5_folder),
     )
     assert all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), source.state_dict().values()))
-    tokens = T5Tokenizer.from_pretrained(output / "tokenizer")("a red circle").input_ids
-    assert tokens == T5Tokenizer.from_pretrained(tiny_tokenizer_folder)("a red circle").input_ids
+    tokenizer, source_tokenizer = (
+        t5_tokenizer_class(folder).from_pretrained(folder) for folder in (output / "tokenizer", tiny_tokenizer_folder)
+    )
+    assert tokenizer("a red circle").input_ids == source_tokenizer("a red circle").input_ids
 
 
 def test_overwrite_replaces_an_existing_folder(checkpoint, tmp_path):

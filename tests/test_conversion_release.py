@@ -4,6 +4,7 @@ validation by reloading the folder and running one denoising step (library and c
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import shutil
@@ -226,7 +227,31 @@ def test_validation_fails_on_non_finite_output(folder):
 def test_validation_fails_on_a_folder_that_does_not_load(folder):
     (folder / "unet" / "config.json").write_text('{"in_channels": 3, "sample_size": 16, "block_out_channels": [8]}')
     write_checksums(folder)
-    with pytest.raises(ValidationError, match="IFPipeline.from_pretrained failed"):
+    with pytest.raises(
+        ValidationError, match=r"DiffusionPipeline.from_pretrained\(\.\.\., trust_remote_code=True\) failed"
+    ):
+        validate_converted(folder, device="cpu")
+
+
+def test_validation_checks_the_hub_layout(folder):
+    """A folder in the layout diffusers' `download` refuses over HTTP (UNet named by module path, as written before
+    the component files) or with a foreign file in place of ours fails before anything loads, naming the key or
+    the file."""
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    old_layout = {**index, "unet": ["if_diffusers.models.unet_if", "IFUNet2DConditionModel"]}
+    index_path.write_text(json.dumps(old_layout))
+    write_checksums(folder)
+    with pytest.raises(
+        ValidationError, match=r"unet is \['if_diffusers.models.unet_if', .*expected \['if_diffusers_model'"
+    ):
+        validate_converted(folder, device="cpu")
+    index_path.write_text(json.dumps(index))
+    (folder / "unet" / "if_diffusers_model.py").write_text("import os\n")
+    write_checksums(folder)
+    with pytest.raises(
+        ValidationError, match=r"unet/if_diffusers_model.py: differs from the file if-diffusers writes"
+    ):
         validate_converted(folder, device="cpu")
 
 
@@ -241,14 +266,19 @@ def test_script_converts_and_validates(checkpoints, tmp_path, script, capsys):
     assert f"wrote {tmp_path / 'out'}" in printed and re.search(
         r"checksums: \d+ files match checksums.sha256", printed
     )
-    assert "loaded: IFSuperResolutionPipeline.from_pretrained(" in printed and "with variant='fp16'" in printed
+    assert "layout: model_index.json names IFSuperResolutionPipeline and its UNet by the files" in printed
+    assert re.search(
+        r"loaded: DiffusionPipeline.from_pretrained\(.*, trust_remote_code=True\) -> "
+        r"IFSuperResolutionPipeline with variant='fp16'",
+        printed,
+    )
     assert "ran: one denoising step from random prompt embeddings -> images (1, 3, 16, 16), all finite" in printed
     assert (tmp_path / "out" / "README.md").read_bytes() == (CARDS / "IF-II-M.md").read_bytes()
 
 
 def test_script_validates_an_existing_folder_and_fails_on_corruption(folder, script, capsys):
     assert script.main(["--output", str(folder), "--validate"]) == 0
-    assert "loaded: IFPipeline.from_pretrained(" in capsys.readouterr().out
+    assert "trust_remote_code=True) -> IFPipeline with float32 weights" in capsys.readouterr().out
     message = _flip_a_byte(folder)
     assert script.main(["--output", str(folder), "--validate"]) == 1
     error = capsys.readouterr().err
@@ -259,3 +289,28 @@ def test_script_needs_a_checkpoint_unless_validating(script, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--output", str(tmp_path / "out")])
     assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
+
+
+def test_script_pushes_a_validated_conversion_the_generic_loader_reads(checkpoints, local_hub, tmp_path, script,
+                                                                        monkeypatch, capsys):  # fmt: skip
+    """`--validate --push-to-hub REPO` uploads the converted folder to the tests' Hub (over HTTP) in one commit, and
+    diffusers' generic loader builds our pipeline and UNet classes from the pushed repo; a push without a token, or
+    of a folder that holds no conversion, fails with one line."""
+    from diffusers import DiffusionPipeline
+
+    from if_diffusers import IFSuperResolutionPipeline, IFSuperResUNet2DConditionModel
+
+    argv = ["--checkpoint", checkpoints["II"], "--output", tmp_path / "out", "--validate", "--push-to-hub",
+            "me/IF-II-tiny", "--private"]  # fmt: skip
+    assert script.main([str(a) for a in argv]) == 1  # no token: the conversion stays, nothing is pushed
+    assert "error: --push-to-hub me/IF-II-tiny: " in capsys.readouterr().err and (tmp_path / "out").is_dir()
+    monkeypatch.setenv("HF_TOKEN", "hf_local_test")
+    assert script.main(["--output", str(tmp_path / "out"), "--validate", "--push-to-hub", "me/IF-II-tiny"]) == 0
+    assert re.search(r"pushed .*out to .*/me/IF-II-tiny/commit/[0-9a-f]{40}", capsys.readouterr().out)
+    pushed = local_hub.repo_folder("me/IF-II-tiny")
+    assert {p.name for p in (tmp_path / "out").iterdir()} <= {p.name for p in pushed.iterdir()}
+    loaded = DiffusionPipeline.from_pretrained("me/IF-II-tiny", trust_remote_code=True, cache_dir=tmp_path / "cache")
+    assert type(loaded) is IFSuperResolutionPipeline and type(loaded.unet) is IFSuperResUNet2DConditionModel
+
+    assert script.main(["--output", str(tmp_path / "empty"), "--push-to-hub", "me/nothing"]) == 1
+    assert "holds no model_index.json: nothing converted to push" in capsys.readouterr().err

@@ -17,10 +17,14 @@ import pytest
 import torch
 from conftest import tiny_unet
 from diffusers import DiffusionPipeline, UNet2DConditionModel
+from packaging.version import Version
 
 import if_diffusers
 from if_diffusers import IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
+from if_diffusers.installed_versions import dtype_argument
 from if_diffusers.pipelines.hub_layout import (
+    CUSTOM_COMPONENT_MODULE,
+    CUSTOM_COMPONENT_SOURCE,
     CUSTOM_PIPELINE_MODULE,
     CUSTOM_PIPELINE_SOURCE,
     HubLayoutMixin,
@@ -30,6 +34,7 @@ from if_diffusers.pipelines.hub_layout import (
 PROMPT = "a red circle on a blue background"
 STYLE_PROMPT = "a small green square at the top left"
 TOLERANCE = 1e-4  # max abs against diffusers' own pipeline, float32 (as test_pipeline_parity)
+DIFFUSERS = Version(diffusers.__version__)
 
 
 def _images(seed: int, size: int) -> torch.Tensor:
@@ -119,7 +124,16 @@ def test_saved_folder_loads_with_ours_and_with_diffusers_trusting_its_code(pipel
     assert (tmp_path / "saved" / f"{CUSTOM_PIPELINE_MODULE}.py").read_text() == CUSTOM_PIPELINE_SOURCE
     index = _index(tmp_path / "saved")
     assert index["_class_name"] == [CUSTOM_PIPELINE_MODULE, name]
-    assert index["unet"] == [PLUGIN_UNET[stage].__module__, PLUGIN_UNET[stage].__name__]
+    assert index["unet"] == [CUSTOM_COMPONENT_MODULE, PLUGIN_UNET[stage].__name__]
+    assert (tmp_path / "saved" / "unet" / f"{CUSTOM_COMPONENT_MODULE}.py").read_text() == CUSTOM_COMPONENT_SOURCE
+    # a T5 tokenizer that transformers 4 and 5 both load (transformers 5 saves tokenizer.json alone)
+    assert index["tokenizer"] == ["transformers", "T5TokenizerFast"]
+    assert (
+        json.loads((tmp_path / "saved" / "tokenizer" / "tokenizer_config.json").read_text()).get(
+            "extra_special_tokens"
+        )
+        != []
+    )
     assert _leftovers(tmp_path / "saved") == []
 
     expected = _run(pipeline, name)
@@ -130,11 +144,15 @@ def test_saved_folder_loads_with_ours_and_with_diffusers_trusting_its_code(pipel
         assert torch.equal(_run(loaded, name), expected)
 
 
-def test_diffusers_loader_without_trust_remote_code_refuses(pipeline_components, tmp_path):
-    """diffusers' loaders refuse the folder's file without `trust_remote_code`: `DiffusionPipeline`, and diffusers'
-    own `IFPipeline` too (its loader resolves a [file, class] `_class_name` for subclasses as well)."""
+def test_diffusers_loader_without_trust_remote_code(pipeline_components, tmp_path):
+    """From diffusers 0.38 its loaders refuse the folder's file without `trust_remote_code`: `DiffusionPipeline`,
+    and diffusers' own `IFPipeline` too (its loader resolves a [file, class] `_class_name` for subclasses as well).
+    Before 0.38 diffusers ran a local folder's code unasked: both build our class."""
     if_diffusers.IFPipeline(**pipeline_components("I")).save_pretrained(tmp_path / "saved")
     for loader in (DiffusionPipeline, diffusers.IFPipeline):
+        if DIFFUSERS < Version("0.38"):
+            assert type(loader.from_pretrained(tmp_path / "saved")) is if_diffusers.IFPipeline
+            continue
         with pytest.raises(
             ValueError, match=f"(?s)custom code in {CUSTOM_PIPELINE_MODULE}.py.*trust_remote_code=True"
         ):
@@ -147,7 +165,13 @@ def test_custom_pipeline_file_without_if_diffusers_says_pip_install(pipeline_com
     if_diffusers.IFPipeline(**pipeline_components("I")).save_pretrained(tmp_path / "saved")
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, "if_diffusers", None)  # `import if_diffusers` raises ModuleNotFoundError
-        with pytest.raises(ImportError, match="needs the if-diffusers package: pip install if-diffusers"):
+        # diffusers < 0.36 checks the file's imports before running it, with its own error naming the package
+        message = (
+            "needs the if-diffusers package: pip install if-diffusers"
+            if DIFFUSERS >= Version("0.36")
+            else "pip install if_diffusers"
+        )
+        with pytest.raises(ImportError, match=message):
             DiffusionPipeline.from_pretrained(tmp_path / "saved", trust_remote_code=True)
 
     index = _index(tmp_path / "saved")
@@ -213,38 +237,6 @@ def test_save_refuses_a_folder_that_is_not_a_pipeline(pipeline_components, tmp_p
     assert (tmp_path / "project" / "notes.txt").read_text() == "mine" and _leftovers(tmp_path / "project") == []
 
 
-def test_push_to_hub_uploads_the_complete_folder(pipeline_components, tmp_path, monkeypatch):
-    """With `push_to_hub`, diffusers uploads the folder with the custom pipeline file and the pair in it, to a repo
-    named after the folder (not after the temporary folder the save writes first); `save_config` alone pushes the file
-    too. The Hub calls are stubbed."""
-    from diffusers import configuration_utils
-    from diffusers.pipelines import pipeline_utils
-
-    uploads = []
-
-    def upload(self, folder, repo_id, **kwargs):
-        uploads.append((repo_id, sorted(p.name for p in Path(folder).iterdir()), _index(Path(folder))["_class_name"]))
-
-    class Card:
-        def save(self, path):
-            Path(path).write_text("card")
-
-    for module in (pipeline_utils, configuration_utils):
-        monkeypatch.setattr(module, "create_repo", lambda repo_id, **kwargs: type("Url", (), {"repo_id": repo_id}))
-    monkeypatch.setattr(pipeline_utils, "load_or_create_model_card", lambda *args, **kwargs: Card())
-    monkeypatch.setattr(pipeline_utils, "populate_model_card", lambda card, *args, **kwargs: card)
-    monkeypatch.setattr(DiffusionPipeline, "_upload_folder", upload)
-    pipeline = if_diffusers.IFPipeline(**pipeline_components("I"))
-    pipeline.save_pretrained(tmp_path / "tiny-if", push_to_hub=True)
-    pipeline.save_config(tmp_path / "config-only", push_to_hub=True, repo_id="config-only")
-    assert uploads == [
-        ("tiny-if", ["README.md", f"{CUSTOM_PIPELINE_MODULE}.py", "model_index.json", "scheduler", "text_encoder",
-                     "tokenizer", "unet"], [CUSTOM_PIPELINE_MODULE, "IFPipeline"]),
-        ("config-only", [f"{CUSTOM_PIPELINE_MODULE}.py", "model_index.json"], [CUSTOM_PIPELINE_MODULE, "IFPipeline"]),
-    ]  # fmt: skip
-    assert (tmp_path / "tiny-if" / f"{CUSTOM_PIPELINE_MODULE}.py").is_file()
-
-
 # --- diffusers' own DeepFloyd layout ---------------------------------------------------------------------------
 
 
@@ -283,12 +275,14 @@ def test_loading_options_reach_our_unet(pipeline_components, tmp_path):
     half = _stock(tiny_unet("I", seed=1)).half()  # other weights: the variant file, not the float32 one, is read
     half.save_pretrained(folder / "unet", variant="fp16")
 
-    loaded = if_diffusers.IFPipeline.from_pretrained(folder, variant="fp16", torch_dtype=torch.float16)
+    loaded = if_diffusers.IFPipeline.from_pretrained(folder, variant="fp16", **dtype_argument(torch.float16))
     assert type(loaded.unet) is IFUNet2DConditionModel and loaded.unet.dtype == torch.float16
     assert all(torch.equal(a, b) for a, b in zip(loaded.unet.state_dict().values(), half.state_dict().values()))
     assert loaded.text_encoder.dtype == torch.float16
 
-    mixed = if_diffusers.IFPipeline.from_pretrained(folder, dtype={"unet": torch.bfloat16, "default": torch.float32})
+    mixed = if_diffusers.IFPipeline.from_pretrained(
+        folder, **dtype_argument({"unet": torch.bfloat16, "default": torch.float32})
+    )
     assert type(mixed.unet) is IFUNet2DConditionModel and mixed.unet.dtype == torch.bfloat16
     assert mixed.text_encoder.dtype == torch.float32
 

@@ -382,17 +382,17 @@ def _settings(scheduler) -> dict:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_save_pretrained_round_trip_keeps_our_classes(pipeline_components, name, tmp_path):
-    """`save_pretrained` records our UNet class under its full module path (diffusers' loader imports nothing a
-    folder names: it finds `if_diffusers.models.*` in `sys.modules`), and `Class.from_pretrained` gives back our
-    classes and the same images."""
+    """`save_pretrained` records our UNet class as a custom component (`["if_diffusers_model", class]`, the file
+    beside its weights; pipelines/hub_layout.py), and `Class.from_pretrained` gives back our classes and the same
+    images."""
     stage = CASES[name][0]
     pipeline = _pipeline(name, pipeline_components(stage))
     pipeline.save_pretrained(tmp_path)
     unet_class = IFUNet2DConditionModel if stage == "I" else IFSuperResUNet2DConditionModel
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["_class_name"] == ["if_diffusers_pipeline", name]
-    assert index["unet"] == [unet_class.__module__, unet_class.__name__]
-    assert index["unet"][0].startswith("if_diffusers.models.")
+    assert index["unet"] == ["if_diffusers_model", unet_class.__name__]
+    assert (tmp_path / "unet" / "if_diffusers_model.py").is_file()
 
     loaded = getattr(if_diffusers, name).from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)

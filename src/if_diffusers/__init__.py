@@ -1,6 +1,9 @@
 """DeepFloyd IF for diffusers: the original IF's UNets, stage pipelines and checkpoint conversion."""
 
-# first: settles what the installed transformers serves as CLIPImageProcessor before diffusers imports it
+# first: torchao, where it is installed, imported without the lines its user cannot act on (transformers imports it
+# with its models); then what the installed transformers serves as CLIPImageProcessor, settled before diffusers
+# imports it
+from . import quantization  # noqa: F401, I001
 from . import installed_versions  # noqa: F401, I001
 from .models import IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
 from .pipelines import (

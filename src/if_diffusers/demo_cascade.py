@@ -126,7 +126,8 @@ def demo_tokenizer(captions_sample: int = 2000):
     """A T5 tokenizer with one sentencepiece piece per caption word (a word model trained on `captions_sample`
     captions of both splits, so every word of `shapes.caption_vocabulary()` is a piece)."""
     import sentencepiece as spm
-    from transformers import T5Tokenizer
+
+    from .installed_versions import t5_tokenizer
 
     captions = [shapes.sample_record(i, DEMO_SEED).caption for i in range(captions_sample)]
     captions += [shapes.sample_record(i, DEMO_SEED, held_out=True).caption for i in range(captions_sample // 10)]
@@ -143,7 +144,7 @@ def demo_tokenizer(captions_sample: int = 2000):
     missing = set(shapes.caption_vocabulary()) - {piece.lstrip("\u2581") for piece, _ in vocab}
     if missing:
         raise RuntimeError(f"the demo tokenizer lacks caption words {sorted(missing)}")
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=77)
+    return t5_tokenizer(vocab, extra_ids=0, model_max_length=77)
 
 
 def demo_text_encoder(vocab_size: int, seed: int = DEMO_SEED):

@@ -21,6 +21,7 @@ import torch
 
 from . import demo_cascade
 from .installed_versions import dtype_argument
+from .quantization import TEXT_ENCODER_QUANTIZATIONS, text_encoder_quantization
 from .synthetic import shapes
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ MAX_NAMED_WORDS = 10  # of a prompt file's words unknown to the bundled model, t
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --stage-2, --stage-3, --device, --dtype, --offload."""
+    """--model, --stage-2, --stage-3, --device, --dtype, --offload, --quantize-text-encoder."""
     parser.add_argument("--model", help="a saved IFCascadePipeline folder, or stage I's folder or hub id (with "
                         "--stage-2); default: the demo cascade bundled in the package (32x32 -> 128x128 shapes)")  # fmt: skip
     parser.add_argument("--stage-2", help="stage II's folder or hub id, when --model is stage I's")
@@ -44,6 +45,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 elsewhere")
     parser.add_argument("--offload", choices=OFFLOAD, default="none",
                         help="CPU offload of the models, to an accelerator (--device cuda)")  # fmt: skip
+    parser.add_argument("--quantize-text-encoder", choices=tuple(TEXT_ENCODER_QUANTIZATIONS),
+                        help="load T5 quantized: int8 (torchao's int8 weight-only, the [quantization] extra; "
+                        "T5-XXL in 4.9 GB) or nf4 (bitsandbytes' 4-bit NormalFloat; 6.3 GB, its wo layers kept in "
+                        "float32); default: as stored (11.5 GB in float16)")  # fmt: skip
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, per_prompt: str = "") -> None:
@@ -137,10 +142,17 @@ def model_ids(args: argparse.Namespace) -> dict[str, str | None]:
 
 def load_cascade(args: argparse.Namespace, dtype: torch.dtype, device: torch.device,
                  prompts: list[str]) -> IFCascadePipeline:  # fmt: skip
-    """The cascade the options name, moved to `device` or offloaded to it; ValueError for inconsistent model options.
-    For the bundled model, warns (stderr) about words of `prompts` it does not know."""
+    """The cascade the options name, moved to `device` or offloaded to it; ValueError for inconsistent model options
+    or a --quantize-text-encoder this machine cannot run (checked first), HubAccessError (an OSError) for a hub id
+    the Hub refuses. For the bundled model, warns (stderr) about words of `prompts` it does not know."""
     from .pipelines import IFCascadePipeline
+    from .pipelines.hub_access import check_hub_access
 
+    quantization = {} if args.quantize_text_encoder is None else {
+        "quantization_config": text_encoder_quantization(args.quantize_text_encoder, device, dtype)}  # fmt: skip
+    for option, source in (("--model", args.model), ("--stage-2", args.stage_2), ("--stage-3", args.stage_3)):
+        if source is not None:
+            check_hub_access(option, source)
     if args.model is None:
         if args.stage_2 is not None or args.stage_3 is not None:
             raise ValueError("--stage-2 and --stage-3 need --model (stage I's folder or hub id)")
@@ -150,14 +162,14 @@ def load_cascade(args: argparse.Namespace, dtype: torch.dtype, device: torch.dev
                                                       MAX_NAMED_WORDS else "")  # fmt: skip
             print(f"warning: the bundled demo model knows only the words of its shape captions; {named} are unknown "
                   f"to it. Known words: {' '.join(shapes.caption_vocabulary())}", file=sys.stderr)  # fmt: skip
-        pipeline = demo_cascade.load_demo_cascade(dtype)
+        pipeline = demo_cascade.load_demo_cascade(dtype, **quantization)
     elif args.stage_2 is None:
         if args.stage_3 is not None:
             raise ValueError("--stage-3 needs --stage-2 (and --model as stage I)")
-        pipeline = IFCascadePipeline.from_pretrained(args.model, **dtype_argument(dtype))
+        pipeline = IFCascadePipeline.from_pretrained(args.model, **dtype_argument(dtype), **quantization)
     else:
         pipeline = IFCascadePipeline.from_pretrained_stages(args.model, args.stage_2, args.stage_3,
-                                                            **dtype_argument(dtype))  # fmt: skip
+                                                            **dtype_argument(dtype), **quantization)  # fmt: skip
     if args.offload == "model":
         pipeline.enable_model_cpu_offload(device=device)
     elif args.offload == "sequential":

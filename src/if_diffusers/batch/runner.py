@@ -90,6 +90,7 @@ def _prepare(state, args: argparse.Namespace, folder: Path):
     record = {
         **options.model_ids(args),
         "dtype": str(dtype).removeprefix("torch."),
+        **({"quantize_text_encoder": args.quantize_text_encoder} if args.quantize_text_encoder else {}),
         "if_diffusers_version": __version__,
     }
     defaults = RunDefaults(args.seed, args.num_images, args.negative_prompt,

@@ -1,10 +1,10 @@
 """The conversion's command line, `if-diffusers convert` (and `scripts/convert_original_to_diffusers.py`): a DeepFloyd
 IF checkpoint folder (config.yml + pytorch_model.bin/model.safetensors) to the Hugging Face hub layout, ready to
-upload: model card, checksum manifest and, with --validate, a one-step run of the folder.
+upload: model card, checksum manifest and, with --validate, a one-step run of the folder; --push-to-hub uploads it.
 
     if-diffusers convert --checkpoint IF-I-XL-v1.0 --output IF-I-XL-diffusers --variant fp16 \\
         --text-encoder t5-v1_1-xxl --tokenizer t5-v1_1-xxl --validate
-    if-diffusers convert --output IF-I-XL-diffusers --variant fp16 --validate
+    if-diffusers convert --output IF-I-XL-diffusers --variant fp16 --validate --push-to-hub me/IF-I-XL-diffusers
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from .convert import ConversionError, convert_original_checkpoint
 from .oracle import compare_with_original
@@ -56,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "denoising step from random embeddings",
     )
     parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="upload the folder to this hub repo (created if missing) once it is written and, with --validate, "
+        "validated; log in first (`hf auth login`) or set HF_TOKEN",
+    )
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    parser.add_argument(
         "--verify",
         action="store_true",
         help="run the original deepfloyd_if UNet and the converted one on the same inputs and fail above 1e-4 "
@@ -65,8 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Convert and/or validate as `args` say; errors are printed, not raised (exit code 1)."""
-    if args.checkpoint is None and not args.validate:
-        parser.error("--checkpoint is required unless --validate checks an existing --output folder")
+    if args.checkpoint is None and not (args.validate or args.push_to_hub):
+        parser.error("--checkpoint is required unless --validate or --push-to-hub reads an existing --output folder")
+    if args.private and not args.push_to_hub:
+        parser.error("--private applies to the repo --push-to-hub creates: add --push-to-hub REPO")
     if args.checkpoint is None and args.verify:
         parser.error("--verify compares with the original: it needs --checkpoint")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -79,6 +89,29 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"error: validation failed: {error}", file=sys.stderr)
             return 1
         print("\n".join(["validated:", *report.lines()]))
+    if args.push_to_hub:
+        return _push(args.output, args.push_to_hub, args.private)
+    return 0
+
+
+def _push(folder: str, repo_id: str, private: bool) -> int:
+    """Upload `folder` (a converted folder: it must hold model_index.json) to `repo_id` in one commit."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not (Path(folder) / "model_index.json").is_file():
+        print(f"error: --output={folder!r} holds no model_index.json: nothing converted to push", file=sys.stderr)
+        return 1
+    api = HfApi()
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, commit_message="Upload a DeepFloyd IF conversion (if-diffusers)"
+        )
+    except (HfHubHTTPError, ValueError) as error:  # ValueError: no token, a malformed repo id
+        print(f"error: --push-to-hub {repo_id}: {error}", file=sys.stderr)
+        return 1
+    print(f"pushed {folder} to {commit.commit_url}")
     return 0
 
 

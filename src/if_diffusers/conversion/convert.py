@@ -12,6 +12,7 @@ import torch
 from diffusers.utils import logging
 
 from ..atomic_folder import atomic_folder, check_writable_folder
+from ..installed_versions import t5_tokenizer_class
 from ..models import IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
 from ..models.original_params import OriginalParamsError, OriginalUNetParams, Stage
 from ..pipelines import IFPipeline, IFSuperResolutionPipeline
@@ -162,9 +163,7 @@ def _load_text_encoder(folder: str | Path, encoder_dim: int):
 
 
 def _load_tokenizer(folder: str | Path):
-    from transformers import T5Tokenizer
-
     try:
-        return T5Tokenizer.from_pretrained(folder)
+        return t5_tokenizer_class(folder).from_pretrained(folder)
     except (OSError, ValueError, TypeError) as error:
         raise ConversionError(f"tokenizer={str(folder)!r}: expected a T5 tokenizer folder ({error})") from error

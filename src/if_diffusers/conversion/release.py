@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 
 import torch
+from diffusers import DiffusionPipeline
 from diffusers.utils import logging
 
 from ..installed_versions import dtype_argument
@@ -19,6 +20,12 @@ from ..models import IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
 from ..models.original_params import OriginalUNetParams
 from ..models.presets import find_preset
 from ..pipelines import IFPipeline, IFSuperResolutionPipeline
+from ..pipelines.hub_layout import (
+    CUSTOM_COMPONENT_MODULE,
+    CUSTOM_COMPONENT_SOURCE,
+    CUSTOM_PIPELINE_MODULE,
+    CUSTOM_PIPELINE_SOURCE,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -163,8 +170,10 @@ class ValidationReport:
         weights = f"variant={self.variant!r}" if self.variant else "float32 weights"
         return [
             f"checksums: {self.files} files match {MANIFEST}",
-            f"loaded: {self.pipeline}.from_pretrained({str(self.folder)!r}) with {weights}, as {self.dtype} on "
-            f"{self.device}",
+            f"layout: model_index.json names {self.pipeline} and its UNet by the files {CUSTOM_PIPELINE_MODULE}.py "
+            f"and unet/{CUSTOM_COMPONENT_MODULE}.py",
+            f"loaded: DiffusionPipeline.from_pretrained({str(self.folder)!r}, trust_remote_code=True) -> "
+            f"{self.pipeline} with {weights}, as {self.dtype} on {self.device}",
             f"ran: one denoising step from random prompt embeddings -> images {self.output_shape}, all finite",
         ]
 
@@ -172,10 +181,12 @@ class ValidationReport:
 def validate_converted(
     folder: str | Path, variant: str | None = None, device: str | torch.device | None = None, seed: int = 0
 ) -> ValidationReport:
-    """Check a converted folder end to end: its checksums, that the plugin's pipeline loads it (`IFPipeline`, or
-    `IFSuperResolutionPipeline` for a 6-channel UNet; `variant="fp16"` loads the fp16 weights, run in float32 on
-    the CPU and float16 on CUDA), and that one denoising step from random embeddings gives finite images of the
-    UNet's `sample_size`. Random embeddings keep the check independent of the text encoder, which the folder may
+    """Check a converted folder end to end: its checksums; its hub layout (`model_index.json` names our pipeline
+    and UNet classes by the small files beside them, see pipelines/hub_layout.py); that diffusers' own loader, as
+    a Hub user calls it (`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`), builds the plugin's
+    pipeline from it (`IFPipeline`, or `IFSuperResolutionPipeline` for a 6-channel UNet; `variant="fp16"` loads the
+    fp16 weights, run in float32 on the CPU and float16 on CUDA); and that one denoising step from random
+    embeddings gives finite images of the UNet's `sample_size`. Random embeddings keep the check independent of the text encoder, which the folder may
     not include. Raises ChecksumError or ValidationError naming what failed.
     """
     folder = Path(folder)
@@ -186,16 +197,22 @@ def validate_converted(
     pipeline_class = IFSuperResolutionPipeline if stage_2 else IFPipeline
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if variant == "fp16" and device.type == "cuda" else torch.float32
+    unet_class = IFSuperResUNet2DConditionModel if stage_2 else IFUNet2DConditionModel
+    _check_layout(folder, pipeline_class, unet_class)
     if variant is not None:
         _check_variant_files(folder, variant)
     try:
-        pipeline = pipeline_class.from_pretrained(folder, variant=variant, **dtype_argument(dtype)).to(device)
+        pipeline = DiffusionPipeline.from_pretrained(
+            folder, trust_remote_code=True, variant=variant, **dtype_argument(dtype)
+        ).to(device)
     except Exception as error:  # diffusers, transformers and safetensors raise many types for a bad folder
-        raise ValidationError(f"{folder}: {pipeline_class.__name__}.from_pretrained failed: {error}") from error
-    unet_class = IFSuperResUNet2DConditionModel if stage_2 else IFUNet2DConditionModel
-    if type(pipeline.unet) is not unet_class:
         raise ValidationError(
-            f"{folder}: unet loaded as {type(pipeline.unet).__name__}, expected {unet_class.__name__}"
+            f"{folder}: DiffusionPipeline.from_pretrained(..., trust_remote_code=True) failed: {error}"
+        ) from error
+    if type(pipeline) is not pipeline_class or type(pipeline.unet) is not unet_class:
+        raise ValidationError(
+            f"{folder}: loaded as {type(pipeline).__name__} with a {type(pipeline.unet).__name__}, expected "
+            f"{pipeline_class.__name__} with a {unet_class.__name__}"
         )
     pipeline.set_progress_bar_config(disable=True)
     try:
@@ -225,6 +242,29 @@ def _unet_config(folder: Path) -> dict:
             "an IF UNet (3 input channels, or 6 for super-resolution) with an integer sample_size"
         )
     return config
+
+
+def _check_layout(folder: Path, pipeline_class: type, unet_class: type) -> None:
+    """`model_index.json` names the pipeline and the UNet by our files, and the files are ours (the checksums
+    only prove the folder is as written, not that it was written in this layout)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    expected = {
+        "_class_name": ([CUSTOM_PIPELINE_MODULE, pipeline_class.__name__], folder / f"{CUSTOM_PIPELINE_MODULE}.py",
+                        CUSTOM_PIPELINE_SOURCE),
+        "unet": ([CUSTOM_COMPONENT_MODULE, unet_class.__name__], folder / "unet" / f"{CUSTOM_COMPONENT_MODULE}.py",
+                 CUSTOM_COMPONENT_SOURCE),
+    }  # fmt: skip
+    for key, (entry, path, source) in expected.items():
+        if index.get(key) != entry:
+            raise ValidationError(
+                f"{folder / 'model_index.json'}: {key} is {index.get(key)!r}; expected {entry!r}, as this "
+                "version's convert and save_pretrained write it: convert the checkpoint again"
+            )
+        if not path.is_file() or path.read_text(encoding="utf-8") != source:
+            raise ValidationError(
+                f"{path}: {'differs from' if path.is_file() else 'missing, expected'} the file if-diffusers writes "
+                "there (a star import of the installed package); convert the checkpoint again"
+            )
 
 
 def _check_variant_files(folder: Path, variant: str) -> None:

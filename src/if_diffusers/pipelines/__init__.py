@@ -1,5 +1,7 @@
-"""The six IF stage pipelines (drop-in replacements for diffusers' classes of the same names) and the cascade over them."""
+"""The six IF stage pipelines (drop-in replacements for diffusers' classes of the same names) and the cascade over them;
+importing it registers them with diffusers' AutoPipelines."""
 
+from .auto_pipeline import register_when_imported
 from .cascade import IFCascadePipeline
 from .output import IFCascadePipelineOutput, IFPipelineOutput
 from .pipeline_if import IFPipeline
@@ -20,3 +22,5 @@ __all__ = [
     "IFPipelineOutput",
     "IFSuperResolutionPipeline",
 ]
+
+register_when_imported()  # AutoPipelineFor{Text2Image,Image2Image,Inpainting} find our classes (auto_pipeline.py)

@@ -19,6 +19,7 @@ from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     DiffusionPipeline,
+    PipelineQuantizationConfig,
     StableDiffusionUpscalePipeline,
     UNet2DConditionModel,
 )
@@ -64,6 +65,7 @@ from .pipeline_if_img2img_superresolution import IFImg2ImgSuperResolutionPipelin
 from .pipeline_if_inpainting import IFInpaintingPipeline
 from .pipeline_if_inpainting_superresolution import IFInpaintingSuperResolutionPipeline
 from .pipeline_if_superresolution import IFSuperResolutionPipeline
+from .stage_quantization import stage_quantization_configs
 
 STAGE_3_COMPONENTS = ("stage_3_tokenizer", "stage_3_text_encoder", "stage_3_unet", "stage_3_vae", "stage_3_scheduler",
                       "stage_3_low_res_scheduler")  # fmt: skip
@@ -188,6 +190,7 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
         stage_1: str | os.PathLike,
         stage_2: str | os.PathLike,
         stage_3: str | os.PathLike | None = None,
+        quantization_config: PipelineQuantizationConfig | None = None,
         **kwargs,
     ) -> IFCascadePipeline:
         """Load the cascade from three stage folders or hub ids, without copying weights: T5 is loaded once, from
@@ -198,20 +201,27 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
             stage_1: e.g. "DeepFloyd/IF-I-XL-v1.0", or a folder in that layout (ours or diffusers').
             stage_2: e.g. "DeepFloyd/IF-II-L-v1.0".
             stage_3: e.g. "stabilityai/stable-diffusion-x4-upscaler", or `None` to stop after stage II.
+            quantization_config: diffusers' `PipelineQuantizationConfig` naming the cascade's components, as for
+                `from_pretrained`: `{"text_encoder": ...}` quantizes T5 (not stage III's CLIP, which is
+                `stage_3_text_encoder`); each stage loads with its share (`stage_quantization_configs`).
             kwargs: passed to every stage's `from_pretrained` (`torch_dtype`, `variant`, `token`, ...).
         """
+        stages = ("stage_1", "stage_2") + (("stage_3",) if stage_3 is not None else ())
+        quantization = stage_quantization_configs(quantization_config, stages)
         configs = {name: read_stage_config(name, source, kwargs)
                    for name, source in (("stage_1", stage_1), ("stage_2", stage_2), ("stage_3", stage_3))
                    if source is not None}  # fmt: skip
         check_stage_configs(configs)
-        first = load_stage("stage_1", IFPipeline, stage_1, kwargs)
+        first = load_stage("stage_1", IFPipeline, stage_1, {**kwargs, **quantization["stage_1"]})
         second = load_stage("stage_2", IFSuperResolutionPipeline, stage_2,
-                             {**kwargs, "tokenizer": None, "text_encoder": None, "safety_checker": None,
-                              "feature_extractor": None, "watermarker": None, "requires_safety_checker": False})  # fmt: skip
+                             {**kwargs, **quantization["stage_2"], "tokenizer": None, "text_encoder": None,
+                              "safety_checker": None, "feature_extractor": None, "watermarker": None,
+                              "requires_safety_checker": False})  # fmt: skip
         third = None
         if stage_3 is not None:
             third = load_stage("stage_3", StableDiffusionUpscalePipeline, stage_3,
-                                {**kwargs, "safety_checker": None, "feature_extractor": None, "watermarker": None})  # fmt: skip
+                                {**kwargs, **quantization["stage_3"], "safety_checker": None, "feature_extractor": None,
+                                 "watermarker": None})  # fmt: skip
             third.scheduler = DDPMScheduler.from_config(third.scheduler.config)
         return cls.from_stages(first, second, third)
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
+from .hub_access import check_hub_access, hub_arguments
+
 STAGE_IN_CHANNELS = {
     "stage_1": (3, "a stage-I UNet (noisy image)"),
     "stage_2": (6, "a super-resolution stage-II UNet (noisy image + upscaled low-res image)"),
@@ -94,6 +96,7 @@ def read_stage_config(name: str, source: str | os.PathLike, kwargs: dict[str, An
         raise ValueError(f"{name}={text!r}: no such folder; expected a pipeline folder or a hub id such as "
                          f"{EXAMPLE_SOURCES[name]!r}")  # fmt: skip
     hub = {key: kwargs[key] for key in HUB_ARGUMENTS if key in kwargs}
+    check_hub_access(name, text, **hub_arguments(kwargs))
     try:
         index = DiffusionPipeline.load_config(text, **hub)
         unet = UNet2DConditionModel.load_config(text, subfolder="unet", **hub)

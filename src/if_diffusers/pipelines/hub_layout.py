@@ -1,21 +1,28 @@
 """Our pipelines on disk and on the Hub: the folder `save_pretrained` writes, and how `from_pretrained` reads it and
 diffusers' own DeepFloyd folders.
 
-A saved folder is diffusers' layout plus one file. `model_index.json` names the pipeline as the pair
-`["if_diffusers_pipeline", "<Class>"]` and `if_diffusers_pipeline.py` sits beside it (`CUSTOM_PIPELINE_SOURCE`), so
-that diffusers' own loader, `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`, builds our class
-(diffusers asks for `trust_remote_code` for any such file, local folders included). UNet components are named by
-their full module path (`["if_diffusers.models.unet_if", "IFUNet2DConditionModel"]`), as diffusers records classes
-outside its own libraries.
+A saved folder is diffusers' layout plus one small file per class of ours, each a star import of the installed
+package (no model code), so that diffusers' own loader, `DiffusionPipeline.from_pretrained(folder or hub id,
+trust_remote_code=True)`, builds our classes in a process that never imported `if_diffusers`:
+
+- `model_index.json` names the pipeline as `["if_diffusers_pipeline", "<Class>"]`, with `if_diffusers_pipeline.py`
+  beside it (`CUSTOM_PIPELINE_SOURCE`);
+- it names each UNet of ours as a custom component, `["if_diffusers_model", "IFUNet2DConditionModel"]`, with
+  `<component>/if_diffusers_model.py` (`CUSTOM_COMPONENT_SOURCE`): diffusers' `download` accepts a component
+  library only when it is its own, a diffusers pipeline module, or such a file in the repo.
+
+Folders written before the component files named UNets by module path (`["if_diffusers.models.unet_if", ...]`):
+they load from a local folder with both loaders and from the Hub with ours.
 
 Our classes read every `model_index.json` through `_dict_from_json_file` and `load_config`, the two places where
 diffusers' `from_pretrained` and `download` read it, so that their own loader does the rest (hub download, dtype,
 variant, device map, quantization) unchanged:
 
-- the pair reads as the plain class name: the folder's file is not imported and no `trust_remote_code` is needed;
+- the pair reads as the plain class name: the folder's files are not imported and no `trust_remote_code` is needed;
 - a component whose `__init__` type hint is a union of a stock class and our subclass of it
-  (`unet: IFUNet2DConditionModel | UNet2DConditionModel`) loads with our subclass, whether the folder names ours or
-  the stock class (diffusers' DeepFloyd layout: `["diffusers", "UNet2DConditionModel"]`), unless it is passed.
+  (`unet: IFUNet2DConditionModel | UNet2DConditionModel`) loads with our subclass, whether the folder names ours
+  (either way) or the stock class (diffusers' DeepFloyd layout: `["diffusers", "UNet2DConditionModel"]`), unless
+  it is passed.
 """
 
 from __future__ import annotations
@@ -29,8 +36,11 @@ from typing import Any
 import diffusers
 
 from ..atomic_folder import atomic_folder, check_writable_folder
+from ..installed_versions import make_tokenizer_config_portable, pipeline_types, portable_tokenizer_entry
+from .hub_access import check_hub_access, hub_arguments
 
 CUSTOM_PIPELINE_MODULE = "if_diffusers_pipeline"
+CUSTOM_COMPONENT_MODULE = "if_diffusers_model"
 
 CUSTOM_PIPELINE_SOURCE = '''"""The pipeline classes of this folder, taken from the installed if-diffusers package (pip install if-diffusers).
 
@@ -60,6 +70,15 @@ def __getattr__(name):
 `if_diffusers.__all__` (so one file serves every pipeline class, later ones included), an ImportError that says
 `pip install if-diffusers` when the package is missing, and a clear error when an older package lacks the class."""
 
+CUSTOM_COMPONENT_SOURCE = CUSTOM_PIPELINE_SOURCE.replace(
+    '"""The pipeline classes of this folder', '"""The model class of this folder'
+).replace(
+    'names its pipeline class as ["if_diffusers_pipeline", "<Class>"]',
+    f'names this component\'s class as ["{CUSTOM_COMPONENT_MODULE}", "<Class>"]',
+)
+"""Source of `<component>/if_diffusers_model.py`, written beside each of our UNets' weights: the pipeline file's
+star import, its docstring saying what names it."""
+
 
 def _plugin_classes(pipeline_class: type) -> dict[str, tuple[type, type]]:
     """`{component: (our class, the stock diffusers class it subclasses)}` from `pipeline_class.__init__`'s type
@@ -80,6 +99,19 @@ def _plugin_classes(pipeline_class: type) -> dict[str, tuple[type, type]]:
     return plugins
 
 
+def _is_ours(library: Any) -> bool:
+    """Whether a `model_index.json` library names a module of this package (`if_diffusers.models.unet_if`)."""
+    return isinstance(library, str) and library.split(".")[0] == __name__.split(".")[0]
+
+
+def plain_class_name(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` (a `model_index.json`) with `_class_name` the plain class name where it is our pair
+    `["if_diffusers_pipeline", "<Class>"]`, as diffusers' stock readers (AutoPipeline's) expect it."""
+    if _is_entry(config.get("_class_name"), library=CUSTOM_PIPELINE_MODULE):
+        config["_class_name"] = config["_class_name"][1]
+    return config
+
+
 def _is_entry(value: Any, library: str | None = None, class_name: str | None = None) -> bool:
     """Whether a `model_index.json` value is a pair `[library, class_name]` (`None` matches any)."""
     return (
@@ -93,6 +125,15 @@ def _is_entry(value: Any, library: str | None = None, class_name: str | None = N
 class HubLayoutMixin:
     """Saving and loading in the hub layout of the module docstring; put it first in a `DiffusionPipeline`
     subclass's bases. Nothing here names a component: plugin classes come from the `__init__` type hints."""
+
+    _get_signature_types = classmethod(pipeline_types)  # the type hints, read as diffusers >= 0.37 reads them
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        """diffusers' `from_pretrained` (same arguments), with a hub id that the Hub refuses (missing, private,
+        gated, no such `revision`) reported as one `HubAccessError` before anything downloads."""
+        check_hub_access("pretrained_model_name_or_path", pretrained_model_name_or_path, **hub_arguments(kwargs))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(
         self,
@@ -126,18 +167,32 @@ class HubLayoutMixin:
             )  # fmt: skip
 
     def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
-        """diffusers' `save_config` (`model_index.json`, with the pair from `to_json_string`), with
-        `if_diffusers_pipeline.py` written first so that a push includes it. (A string path: diffusers' push splits
-        it, even when given a `repo_id`.)"""
-        os.makedirs(save_directory, exist_ok=True)
-        (Path(save_directory) / f"{CUSTOM_PIPELINE_MODULE}.py").write_text(CUSTOM_PIPELINE_SOURCE, encoding="utf-8")
+        """diffusers' `save_config` (`model_index.json`, with the pairs from `to_json_string`), with
+        `if_diffusers_pipeline.py` and each component's `if_diffusers_model.py` written first so that a push includes
+        them, and the T5 tokenizers' configs made readable by transformers 4 (`make_tokenizer_config_portable`). (A
+        string path: diffusers' push splits it, even when given a `repo_id`.)"""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{CUSTOM_PIPELINE_MODULE}.py").write_text(CUSTOM_PIPELINE_SOURCE, encoding="utf-8")
+        for name, entry in json.loads(self.to_json_string()).items():
+            if _is_entry(entry, library=CUSTOM_COMPONENT_MODULE):
+                (folder / name).mkdir(exist_ok=True)
+                (folder / name / f"{CUSTOM_COMPONENT_MODULE}.py").write_text(CUSTOM_COMPONENT_SOURCE, encoding="utf-8")
+            elif _is_entry(entry, "transformers", "T5TokenizerFast"):
+                make_tokenizer_config_portable(folder / name)
         super().save_config(os.fspath(save_directory), push_to_hub=push_to_hub, **kwargs)
 
     def to_json_string(self) -> str:
-        """The config as diffusers serialises it, with `_class_name` the pair `[CUSTOM_PIPELINE_MODULE, class]`:
-        what `model_index.json` holds."""
+        """The config as diffusers serialises it, with `_class_name` the pair `[CUSTOM_PIPELINE_MODULE, class]`,
+        each component of ours `[CUSTOM_COMPONENT_MODULE, class]` and a T5 tokenizer named so that transformers 4
+        loads what transformers 5 saved (`portable_tokenizer_entry`): what `model_index.json` holds."""
         config = json.loads(super().to_json_string())
         config["_class_name"] = [CUSTOM_PIPELINE_MODULE, type(self).__name__]
+        for name, entry in config.items():
+            if _is_entry(entry) and _is_ours(entry[0]):
+                config[name] = [CUSTOM_COMPONENT_MODULE, entry[1]]
+            else:
+                config[name] = portable_tokenizer_entry(entry)
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -147,9 +202,7 @@ class HubLayoutMixin:
         ids, in `download`, which would otherwise import the custom file (demanding `trust_remote_code`) and reject a
         component library that is a module path (diffusers 0.42: "... is not a module in 'diffusers/pipelines'").
         `kwargs`: what the installed diffusers passes besides (0.35: `dduf_entries`)."""
-        config = super()._dict_from_json_file(json_file, **kwargs)
-        if _is_entry(config.get("_class_name"), library=CUSTOM_PIPELINE_MODULE):
-            config["_class_name"] = config["_class_name"][1]
+        config = plain_class_name(super()._dict_from_json_file(json_file, **kwargs))
         for name, (ours, stock) in _plugin_classes(cls).items():
             if _is_entry(config.get(name), class_name=ours.__name__):
                 config[name] = ["diffusers", stock.__name__]

@@ -1,0 +1,65 @@
+"""One clear error for a hub repo that cannot be read as asked (missing, private, gated, no such revision), before
+anything downloads: diffusers' loader would log "Couldn't connect to the Hub", fall back to the cache and fail
+later with the Hub's answer deep in its traceback."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+LOGIN = "log in with `hf auth login` (or pass token=...)"
+
+
+class HubAccessError(OSError):
+    """The Hub refused a repo or revision: the message names the argument, the repo and what to do. An `OSError`,
+    as diffusers' and transformers' loaders raise for a repo they cannot read."""
+
+
+def check_hub_access(
+    argument: str,
+    source: str | os.PathLike,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> None:
+    """Ask the Hub for `source`'s `model_index.json` (a HEAD request, as the download's first one) when it is a hub
+    id (not an existing folder) and the hub may be used; raise `HubAccessError` when the repo is missing or private,
+    gated (the Hub serves a gated repo's model info, not its files), or lacks `revision`. Other failures (no
+    network, offline mode, no such file) pass: the loader then reads the cache or reports them as diffusers does."""
+    if local_files_only or constants.HF_HUB_OFFLINE or Path(source).expanduser().is_dir():
+        return
+    repo = str(source)
+    page = f"{constants.ENDPOINT}/{repo}"
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, "model_index.json", revision=revision), token=token)
+    except GatedRepoError as error:  # before RepositoryNotFoundError, its base class
+        raise HubAccessError(
+            f"{argument}={repo!r} is gated ({_status(error)}): accept its licence at {page} while logged in to the "
+            f"Hub, then {LOGIN} with that account's token"
+        ) from None
+    except RepositoryNotFoundError as error:
+        raise HubAccessError(
+            f"{argument}={repo!r} is not a local folder and not a repo the Hub serves ({_status(error)}): check the "
+            f"id; for a private repo, {LOGIN}"
+        ) from None
+    except RevisionNotFoundError as error:
+        raise HubAccessError(
+            f"{argument}={repo!r} has no revision {revision!r} ({_status(error)}); expected a branch, tag or commit "
+            f"of {page}"
+        ) from None
+    except Exception:  # no network, offline, no such file, a server error: the loader's own handling follows
+        return
+
+
+def hub_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The `from_pretrained` keywords `check_hub_access` takes."""
+    return {key: kwargs[key] for key in ("revision", "token", "local_files_only") if kwargs.get(key) is not None}
+
+
+def _status(error: Exception) -> str:
+    response = getattr(error, "response", None)
+    return f"HTTP {response.status_code}" if response is not None else type(error).__name__
