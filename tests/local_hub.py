@@ -39,6 +39,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".model")
 GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES)
 USER = "local-user"  # whoami's name
+REVOKED_TOKEN = "hf_revoked"  # answered as the Hub answers an expired or revoked token: 401 on every request
 
 
 class Request(NamedTuple):
@@ -267,6 +268,8 @@ class LocalHub:
     # -- the HTTP API ------------------------------------------------------------------------------------------------
 
     def _answer(self, call: _Call) -> _Reply:
+        if call.token == REVOKED_TOKEN:
+            raise HubError(401, None, "Invalid credentials in Authorization header")
         writes = ("create", "preupload", "commit", "branch")
         if call.method == "POST" and not call.token and any(part in writes for part in call.segments[:5]):
             raise HubError(401, None, "Invalid username or password.")  # as the Hub answers a write without a token

@@ -1,4 +1,4 @@
-"""diffusers' AutoPipelines after `import if_diffusers` (pipelines/auto_pipeline.py): `from_pretrained` of our
+"""diffusers' AutoPipelines after `import if_diffusers` (pipelines/auto_registration.py): `from_pretrained` of our
 folders and diffusers' DeepFloyd folders, and `from_pipe` between tasks, give our classes sharing the components."""
 
 from __future__ import annotations
@@ -8,9 +8,8 @@ import pytest
 import torch
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 
-import if_diffusers
 from if_diffusers import IFCascadePipeline, IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
-from if_diffusers.pipelines.auto_pipeline import FAMILIES, register_auto_pipelines
+from if_diffusers.pipelines.auto_registration import FAMILIES, TASK_MAPPINGS, register_auto_pipelines
 
 AUTO = (AutoPipelineForText2Image, AutoPipelineForImage2Image, AutoPipelineForInpainting)
 STAGE = {"if": "I", "if-super-resolution": "II"}
@@ -97,14 +96,23 @@ def test_cascade_from_pipe_keeps_every_component(cascade_folder):
         assert all(pipeline.components[name] is component for name, component in shared.items())
 
 
-def test_registration_is_idempotent():
+def test_registration_survives_a_reload_and_a_second_call():
+    """diffusers' `auto_pipeline` module rebuilt (a reload, as after a `find_spec` by tooling or a re-import) is
+    registered again by the import hook; registering twice installs one reader and one hook."""
+    import importlib
+    import sys
+
     from diffusers.pipelines import auto_pipeline
 
-    before = {name: dict(getattr(auto_pipeline, name)) for name in ("AUTO_TEXT2IMAGE_PIPELINES_MAPPING",
-                                                                     "AUTO_IMAGE2IMAGE_PIPELINES_MAPPING",
-                                                                     "AUTO_INPAINT_PIPELINES_MAPPING")}  # fmt: skip
-    reader = vars(AutoPipelineForText2Image)["_dict_from_json_file"]
-    register_auto_pipelines(auto_pipeline)
-    assert {name: dict(getattr(auto_pipeline, name)) for name in before} == before
-    assert vars(AutoPipelineForText2Image)["_dict_from_json_file"] is reader
-    assert auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING["if"] is if_diffusers.IFPipeline
+    from if_diffusers.pipelines.auto_registration import _RegisterOnImport, register_when_imported
+
+    importlib.util.find_spec(auto_pipeline.__name__)  # tooling's lookup does not use the hook up
+    reloaded = importlib.reload(auto_pipeline)
+    for task, mapping_name in enumerate(TASK_MAPPINGS):
+        for family, classes in FAMILIES.items():
+            assert getattr(reloaded, mapping_name)[family] is classes[task], (mapping_name, family)
+    reader = vars(reloaded.AutoPipelineForText2Image)["_dict_from_json_file"]
+    register_when_imported()
+    register_auto_pipelines(reloaded)
+    assert vars(reloaded.AutoPipelineForText2Image)["_dict_from_json_file"] is reader
+    assert sum(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path) == 1

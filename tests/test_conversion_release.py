@@ -314,3 +314,10 @@ def test_script_pushes_a_validated_conversion_the_generic_loader_reads(checkpoin
 
     assert script.main(["--output", str(tmp_path / "empty"), "--push-to-hub", "me/nothing"]) == 1
     assert "holds no model_index.json: nothing converted to push" in capsys.readouterr().err
+    assert script.main(["--output", str(tmp_path / "out"), "--push-to-hub", "me/IF-II-tiny", "--private"]) == 1
+    assert "the repo exists and is public; make it private on the Hub first" in capsys.readouterr().err
+    _flip_a_byte(tmp_path / "out")  # a folder changed since its conversion is not pushed
+    commits = local_hub.commit_sha("me/IF-II-tiny")
+    assert script.main(["--output", str(tmp_path / "out"), "--push-to-hub", "me/IF-II-tiny"]) == 1
+    assert "error: --push-to-hub me/IF-II-tiny: " in capsys.readouterr().err
+    assert local_hub.commit_sha("me/IF-II-tiny") == commits

@@ -144,7 +144,7 @@ def test_cascade_from_three_repos_downloads_t5_once(pipeline_components, tiny_up
         local_hub.add_repo(repos[stage], folder)
     local_hub.clear_log()
     cascade = IFCascadePipeline.from_pretrained_stages(*repos.values(), cache_dir=tmp_path / "cache")
-    assert "text_encoder/model.safetensors" in local_hub.downloaded(repos["stage_1"])
+    assert local_hub.downloaded(repos["stage_1"]).count("text_encoder/model.safetensors") == 1
     assert _weights(local_hub.downloaded(repos["stage_2"])) == ["unet/diffusion_pytorch_model.safetensors"]
     local = IFCascadePipeline.from_pretrained_stages(*folders.values())
     assert torch.equal(_cascade_images(cascade), _cascade_images(local))
@@ -197,6 +197,9 @@ def test_our_cascade_and_the_command_line_load_a_cascade_repo(saved_repos, tmp_p
     from if_diffusers import cli
 
     repo_id, folder = saved_repos["IFCascadePipeline"]
+    index = json.loads((folder / "model_index.json").read_text())  # tokenizers transformers 4 and 5 both load
+    assert (index["tokenizer"], index["stage_3_tokenizer"]) == (["transformers", "T5TokenizerFast"],
+                                                                ["transformers", "CLIPTokenizerFast"])  # fmt: skip
     loaded = IFCascadePipeline.from_pretrained(repo_id, cache_dir=tmp_path / "cache")
     assert type(loaded.stage_2_unet) is IFSuperResUNet2DConditionModel
     assert torch.equal(_cascade_images(loaded), _cascade_images(IFCascadePipeline.from_pretrained(folder)))
@@ -211,8 +214,9 @@ def test_our_cascade_and_the_command_line_load_a_cascade_repo(saved_repos, tmp_p
 
 
 def test_gated_missing_and_unknown_revision_give_one_clear_error(pipeline_components, local_hub, tmp_path, capsys):
-    """A gated repo, a missing one and a missing revision each raise one HubAccessError naming the argument, the
-    repo and what to do, before any file is downloaded; once the licence is accepted the same cache loads."""
+    """A gated repo, a missing one, a missing revision and a token the Hub rejects each raise one HubAccessError
+    naming the argument, the repo and what to do, before any file is downloaded; once the licence is accepted the
+    same cache loads."""
     folder = tmp_path / "gated"
     if_diffusers.IFPipeline(**pipeline_components("I")).save_pretrained(folder)
     repo_id = "gated/tiny-if"
@@ -242,6 +246,9 @@ def test_gated_missing_and_unknown_revision_give_one_clear_error(pipeline_compon
         HubAccessError, match=r"'gated/tiny-if' is gated \(HTTP 403\)"
     ):  # a token that has not accepted
         if_diffusers.IFPipeline.from_pretrained(repo_id, cache_dir=cache, token="hf_not_accepted")
+    with pytest.raises(HubAccessError, match=r"'gated/tiny-if': the Hub rejected the token \(HTTP 401: Invalid "
+                                             r"credentials in Authorization header\); log in with `hf auth login`"):  # fmt: skip
+        if_diffusers.IFPipeline.from_pretrained(repo_id, cache_dir=cache, token="hf_revoked")
     assert local_hub.downloaded(repo_id) == []
 
     from if_diffusers import cli

@@ -144,6 +144,19 @@ def test_saved_folder_loads_with_ours_and_with_diffusers_trusting_its_code(pipel
         assert torch.equal(_run(loaded, name), expected)
 
 
+def test_the_bundled_demo_folder_is_in_the_layout_save_pretrained_writes():
+    """The demo model shipped in the package carries the same files and names as a save writes today."""
+    from if_diffusers.demo_cascade import bundled_model_path
+
+    folder = bundled_model_path()
+    index = _index(folder)
+    assert (folder / f"{CUSTOM_PIPELINE_MODULE}.py").read_text() == CUSTOM_PIPELINE_SOURCE
+    for name in ("stage_1_unet", "stage_2_unet"):
+        assert index[name][0] == CUSTOM_COMPONENT_MODULE
+        assert (folder / name / f"{CUSTOM_COMPONENT_MODULE}.py").read_text() == CUSTOM_COMPONENT_SOURCE
+    assert index["tokenizer"] == ["transformers", "T5TokenizerFast"]
+
+
 def test_diffusers_loader_without_trust_remote_code(pipeline_components, tmp_path):
     """From diffusers 0.38 its loaders refuse the folder's file without `trust_remote_code`: `DiffusionPipeline`,
     and diffusers' own `IFPipeline` too (its loader resolves a [file, class] `_class_name` for subclasses as well).

@@ -12,13 +12,12 @@ import sys
 
 import pytest
 import torch
-import transformers
 from diffusers import PipelineQuantizationConfig, StableDiffusionUpscalePipeline
-from packaging.version import Version
 from transformers import BitsAndBytesConfig, T5EncoderModel
 
 from if_diffusers import IFCascadePipeline, IFPipeline, IFSuperResolutionPipeline, demo_cascade
 from if_diffusers.cli import main
+from if_diffusers.installed_versions import TRANSFORMERS_5
 from if_diffusers.pipelines.stage_quantization import stage_quantization_configs
 from if_diffusers.quantization import text_encoder_quantization, weight_bytes
 
@@ -31,7 +30,6 @@ STEPS = dict(stage_1_num_inference_steps=1, stage_2_num_inference_steps=1, stage
 # 2.3 / 127 / sqrt(12) = 0.5% per matrix, about 1% through the 14 matrices of 2 layers.
 INT8_ERROR_BOUND = 0.03  # 2.3x the largest measured; nf4's errors are 4-6x over it
 QUANTIZED_ERROR_FLOOR = 3e-3  # 3.5x float16's largest, 2.8x under int8's smallest: T5 was quantized
-TRANSFORMERS_5 = Version(transformers.__version__) >= Version("5.0.0.dev0")
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +242,7 @@ def test_an_unknown_method_is_refused_by_the_parser(capsys):
 
 @pytest.mark.parametrize(
     "method, missing, message",
-    [("int8", "torchao", r"--quantize-text-encoder int8 \(torchao's int8 weight-only\) needs torchao >= 0\.15 "
+    [("int8", "torchao", r"--quantize-text-encoder int8 \(torchao's int8 weight-only\) needs torchao >= 0\.17 "
                          r"\(not installed\): pip install 'if-diffusers\[quantization\]'"),
      ("nf4", "bitsandbytes", r"--quantize-text-encoder nf4 \(bitsandbytes' 4-bit NormalFloat\) needs bitsandbytes "
                              r">= 0\.46\.1 \(not installed\): pip install 'bitsandbytes>=0\.46\.1'")],
@@ -257,14 +255,6 @@ def test_a_missing_backend_is_one_line_before_anything_loads(cascade_folder, tmp
                  "--device", "cpu", "--quantize-text-encoder", method])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 1 and calls == [] and len(err.strip().splitlines()) == 1 and re.search(message, err), err
-
-
-def test_a_transformers_without_torchao_configs_is_named(monkeypatch):
-    """transformers 4.44 (the declared minimum) has no TorchAoConfig; later 4.x ones took strings only."""
-    monkeypatch.setattr(transformers, "TorchAoConfig", None)
-    with pytest.raises(ValueError, match=r"--quantize-text-encoder int8 \(torchao's int8 weight-only\): transformers "
-                                         r"\S+ cannot quantize with torchao's config objects .*upgrade transformers"):  # fmt: skip
-        text_encoder_quantization("int8")
 
 
 def test_the_batch_metadata_records_the_quantization(cascade_folder, int8, tmp_path):

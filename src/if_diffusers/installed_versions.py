@@ -130,12 +130,15 @@ def t5_tokenizer_class(folder: str | os.PathLike) -> type:
     return transformers.T5TokenizerFast
 
 
+PORTABLE_TOKENIZERS = {"T5Tokenizer": "T5TokenizerFast", "CLIPTokenizer": "CLIPTokenizerFast"}
+
+
 def portable_tokenizer_entry(entry: Any) -> Any:
-    """A `model_index.json` entry that transformers 4 and 5 both load: under transformers 5, whose `T5Tokenizer`
-    saves `tokenizer.json` alone, `["transformers", "T5Tokenizer"]` becomes `["transformers", "T5TokenizerFast"]`
-    (transformers 4's reads `tokenizer.json`, with the same token ids; transformers 5's is `T5Tokenizer`)."""
-    if TRANSFORMERS_5 and entry == ["transformers", "T5Tokenizer"]:
-        return ["transformers", "T5TokenizerFast"]
+    """A `model_index.json` entry that transformers 4 and 5 both load: transformers 5's `T5Tokenizer` and
+    `CLIPTokenizer` save `tokenizer.json` alone, which transformers 4 reads only through the `...Fast` class (the same
+    token ids; in transformers 5 that name is the class itself), so under transformers 5 the entry names it."""
+    if TRANSFORMERS_5 and isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers":
+        return ["transformers", PORTABLE_TOKENIZERS.get(entry[1], entry[1])]
     return entry
 
 

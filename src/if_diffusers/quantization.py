@@ -32,20 +32,25 @@ if TYPE_CHECKING:
     from diffusers import PipelineQuantizationConfig
 
 TEXT_ENCODER_QUANTIZATIONS = {
-    "int8": ("torchao", "0.15", "torchao's int8 weight-only"),
+    "int8": ("torchao", "0.17", "torchao's int8 weight-only"),
     "nf4": ("bitsandbytes", "0.46.1", "bitsandbytes' 4-bit NormalFloat"),
-}  # method: (package, its lowest version (what transformers 5 and diffusers 0.42 require), what it is)
+}  # method: (package, its lowest version (torchao: the first built for torch >= 2.11), what it is)
 OPTION = "--quantize-text-encoder"
 
 
-def text_encoder_quantization(method: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+def text_encoder_quantization(method: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                               argument: str = OPTION) -> PipelineQuantizationConfig:  # fmt: skip
     """`PipelineQuantizationConfig(quant_mapping={"text_encoder": <transformers config>})` quantizing T5 with
     `method` ("int8" or "nf4"), for `from_pretrained(..., quantization_config=)` of any of our pipelines or
     `IFCascadePipeline.from_pretrained_stages`. Checked here, before any model loads: the backend package is
     installed at a version that works, the installed transformers can load with it, and (nf4) the bitsandbytes
-    build runs on `device`. `ValueError` naming `argument`, the method and what is missing otherwise."""
+    build runs on `device`. `ValueError` naming `argument`, the method and what is missing otherwise. `device`
+    defaults to CUDA where there is one (else the CPU), `dtype` (nf4's compute dtype) to float16 on CUDA, float32
+    elsewhere."""
     from diffusers import PipelineQuantizationConfig
+
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype if dtype is not None else torch.float16 if device.type == "cuda" else torch.float32
 
     if method not in TEXT_ENCODER_QUANTIZATIONS:
         raise ValueError(f"{argument} {method!r}: expected one of {sorted(TEXT_ENCODER_QUANTIZATIONS)}")
@@ -59,7 +64,7 @@ def text_encoder_quantization(method: str, device: torch.device | str = "cpu", d
     config = _transformers_config(method, named, dtype)
     _check_loader(config, named)
     if method == "nf4":
-        _check_bitsandbytes_runs(named, torch.device(device), dtype)
+        _check_bitsandbytes_runs(named, device, dtype)
     return PipelineQuantizationConfig(quant_mapping={"text_encoder": config})
 
 
@@ -101,13 +106,7 @@ def _transformers_config(method: str, named: str, dtype: torch.dtype):
                                                bnb_4bit_compute_dtype=dtype)  # fmt: skip
     from torchao.quantization import Int8WeightOnlyConfig
 
-    try:
-        return transformers.TorchAoConfig(Int8WeightOnlyConfig())
-    except (AttributeError, TypeError, ValueError) as error:  # 4.44 has no TorchAoConfig; its first took strings
-        raise ValueError(
-            f"{named}: transformers {transformers.__version__} cannot quantize with torchao's config objects "
-            f"({type(error).__name__}: {error}); upgrade transformers (tested with 4.57.1 and 5.25.0)"
-        ) from None
+    return transformers.TorchAoConfig(Int8WeightOnlyConfig())
 
 
 def _check_loader(config, named: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .convert import ConversionError, convert_original_checkpoint
 from .oracle import compare_with_original
-from .release import validate_converted
+from .release import validate_converted, verify_checksums
 
 VERIFY_TOLERANCE = 1e-4  # float32 conversions measure about 1e-6
 DESCRIPTION = "Convert a DeepFloyd IF checkpoint folder to the Hugging Face hub layout, ready to upload."
@@ -95,16 +95,26 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _push(folder: str, repo_id: str, private: bool) -> int:
-    """Upload `folder` (a converted folder: it must hold model_index.json) to `repo_id` in one commit."""
+    """Upload `folder` (a converted folder: model_index.json, its files matching their checksum manifest) to
+    `repo_id` in one commit; `private` creates the repo private and refuses an existing public one."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     if not (Path(folder) / "model_index.json").is_file():
         print(f"error: --output={folder!r} holds no model_index.json: nothing converted to push", file=sys.stderr)
         return 1
+    try:
+        verify_checksums(folder)  # what is pushed is what was converted (and, with --validate, validated)
+    except ValueError as error:
+        print(f"error: --push-to-hub {repo_id}: {error}", file=sys.stderr)
+        return 1
     api = HfApi()
     try:
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if private and not api.repo_info(repo_id).private:
+            print(f"error: --push-to-hub {repo_id} --private: the repo exists and is public; make it private on the "
+                  "Hub first, or push without --private", file=sys.stderr)  # fmt: skip
+            return 1
         commit = api.upload_folder(
             repo_id=repo_id, folder_path=folder, commit_message="Upload a DeepFloyd IF conversion (if-diffusers)"
         )

@@ -186,8 +186,8 @@ def validate_converted(
     a Hub user calls it (`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`), builds the plugin's
     pipeline from it (`IFPipeline`, or `IFSuperResolutionPipeline` for a 6-channel UNet; `variant="fp16"` loads the
     fp16 weights, run in float32 on the CPU and float16 on CUDA); and that one denoising step from random
-    embeddings gives finite images of the UNet's `sample_size`. Random embeddings keep the check independent of the text encoder, which the folder may
-    not include. Raises ChecksumError or ValidationError naming what failed.
+    embeddings gives finite images of the UNet's `sample_size`. Random embeddings keep the check independent of the
+    text encoder, which the folder may not include. Raises ChecksumError or ValidationError naming what failed.
     """
     folder = Path(folder)
     verify_checksums(folder)
@@ -258,7 +258,8 @@ def _check_layout(folder: Path, pipeline_class: type, unet_class: type) -> None:
         if index.get(key) != entry:
             raise ValidationError(
                 f"{folder / 'model_index.json'}: {key} is {index.get(key)!r}; expected {entry!r}, as this "
-                "version's convert and save_pretrained write it: convert the checkpoint again"
+                f"version's convert and save_pretrained write it: convert the checkpoint again, or re-save the folder "
+                f"with {pipeline_class.__name__}.from_pretrained(folder).save_pretrained(new_folder) (it reads both)"
             )
         if not path.is_file() or path.read_text(encoding="utf-8") != source:
             raise ValidationError(

@@ -1,7 +1,7 @@
-"""The six IF stage pipelines (drop-in replacements for diffusers' classes of the same names) and the cascade over them;
-importing it registers them with diffusers' AutoPipelines."""
+"""The six IF stage pipelines (drop-in replacements for diffusers' classes of the same names) and the cascade over
+them; importing it registers them with diffusers' AutoPipelines."""
 
-from .auto_pipeline import register_when_imported
+from .auto_registration import register_when_imported
 from .cascade import IFCascadePipeline
 from .output import IFCascadePipelineOutput, IFPipelineOutput
 from .pipeline_if import IFPipeline
@@ -23,4 +23,4 @@ __all__ = [
     "IFSuperResolutionPipeline",
 ]
 
-register_when_imported()  # AutoPipelineFor{Text2Image,Image2Image,Inpainting} find our classes (auto_pipeline.py)
+register_when_imported()  # AutoPipelineFor{Text2Image,Image2Image,Inpainting} find our classes

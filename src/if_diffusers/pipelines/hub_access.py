@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
-from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    DisabledRepoError,
+    GatedRepoError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 LOGIN = "log in with `hf auth login` (or pass token=...)"
 
@@ -28,7 +34,8 @@ def check_hub_access(
 ) -> None:
     """Ask the Hub for `source`'s `model_index.json` (a HEAD request, as the download's first one) when it is a hub
     id (not an existing folder) and the hub may be used; raise `HubAccessError` when the repo is missing or private,
-    gated (the Hub serves a gated repo's model info, not its files), or lacks `revision`. Other failures (no
+    gated (the Hub serves a gated repo's model info, not its files), disabled, lacks `revision`, or when the Hub
+    rejects the token (expired, revoked). Other failures (no
     network, offline mode, no such file) pass: the loader then reads the cache or reports them as diffusers does."""
     if local_files_only or constants.HF_HUB_OFFLINE or Path(source).expanduser().is_dir():
         return
@@ -51,6 +58,15 @@ def check_hub_access(
             f"{argument}={repo!r} has no revision {revision!r} ({_status(error)}); expected a branch, tag or commit "
             f"of {page}"
         ) from None
+    except DisabledRepoError as error:
+        raise HubAccessError(f"{argument}={repo!r} is disabled on the Hub ({_status(error)}): {page}") from None
+    except HfHubHTTPError as error:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if status in (401, 403):  # not a repo answer: the token itself (expired, revoked, without read access)
+            raise HubAccessError(
+                f"{argument}={repo!r}: the Hub rejected the token ({_status(error)}: {_server_message(error)}); "
+                f"{LOGIN} with a valid token"
+            ) from None
     except Exception:  # no network, offline, no such file, a server error: the loader's own handling follows
         return
 
@@ -63,3 +79,8 @@ def hub_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
 def _status(error: Exception) -> str:
     response = getattr(error, "response", None)
     return f"HTTP {response.status_code}" if response is not None else type(error).__name__
+
+
+def _server_message(error: Exception) -> str:
+    response = getattr(error, "response", None)
+    return (response.headers.get("X-Error-Message") if response is not None else None) or str(error).splitlines()[0]

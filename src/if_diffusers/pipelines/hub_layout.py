@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import string
 import typing
 from pathlib import Path
 from typing import Any
@@ -36,15 +37,20 @@ from typing import Any
 import diffusers
 
 from ..atomic_folder import atomic_folder, check_writable_folder
-from ..installed_versions import make_tokenizer_config_portable, pipeline_types, portable_tokenizer_entry
+from ..installed_versions import (
+    PORTABLE_TOKENIZERS,
+    make_tokenizer_config_portable,
+    pipeline_types,
+    portable_tokenizer_entry,
+)
 from .hub_access import check_hub_access, hub_arguments
 
 CUSTOM_PIPELINE_MODULE = "if_diffusers_pipeline"
 CUSTOM_COMPONENT_MODULE = "if_diffusers_model"
 
-CUSTOM_PIPELINE_SOURCE = '''"""The pipeline classes of this folder, taken from the installed if-diffusers package (pip install if-diffusers).
+_SHIM_SOURCE = string.Template('''"""The $kind of this folder, taken from the installed if-diffusers package (pip install if-diffusers).
 
-`model_index.json` names its pipeline class as ["if_diffusers_pipeline", "<Class>"]: diffusers'
+`model_index.json` names $named as ["$module", "<Class>"]: diffusers'
 `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` imports this file and takes the class from it.
 This file holds no model code; if_diffusers' own classes (`if_diffusers.IFPipeline.from_pretrained(folder)`) load
 the folder without it and without trust_remote_code.
@@ -65,19 +71,14 @@ def __getattr__(name):
         f"if_diffusers {if_diffusers.__version__} has no {name!r}, which this folder names: "
         "pip install -U if-diffusers"
     )
-'''
-"""Source of `if_diffusers_pipeline.py`, written beside `model_index.json` by `save_pretrained`: a star import of
-`if_diffusers.__all__` (so one file serves every pipeline class, later ones included), an ImportError that says
+''')
+"""The file beside `model_index.json` (the pipeline class) and in each UNet's folder (its class): a star import of
+`if_diffusers.__all__` (so one file serves every class, later ones included), an ImportError that says
 `pip install if-diffusers` when the package is missing, and a clear error when an older package lacks the class."""
-
-CUSTOM_COMPONENT_SOURCE = CUSTOM_PIPELINE_SOURCE.replace(
-    '"""The pipeline classes of this folder', '"""The model class of this folder'
-).replace(
-    'names its pipeline class as ["if_diffusers_pipeline", "<Class>"]',
-    f'names this component\'s class as ["{CUSTOM_COMPONENT_MODULE}", "<Class>"]',
-)
-"""Source of `<component>/if_diffusers_model.py`, written beside each of our UNets' weights: the pipeline file's
-star import, its docstring saying what names it."""
+CUSTOM_PIPELINE_SOURCE = _SHIM_SOURCE.substitute(kind="pipeline classes", named="its pipeline class",
+                                                 module=CUSTOM_PIPELINE_MODULE)  # fmt: skip
+CUSTOM_COMPONENT_SOURCE = _SHIM_SOURCE.substitute(kind="model class", named="this component's class",
+                                                  module=CUSTOM_COMPONENT_MODULE)  # fmt: skip
 
 
 def _plugin_classes(pipeline_class: type) -> dict[str, tuple[type, type]]:
@@ -169,7 +170,7 @@ class HubLayoutMixin:
     def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
         """diffusers' `save_config` (`model_index.json`, with the pairs from `to_json_string`), with
         `if_diffusers_pipeline.py` and each component's `if_diffusers_model.py` written first so that a push includes
-        them, and the T5 tokenizers' configs made readable by transformers 4 (`make_tokenizer_config_portable`). (A
+        them, and the tokenizers' configs made readable by transformers 4 (`make_tokenizer_config_portable`). (A
         string path: diffusers' push splits it, even when given a `repo_id`.)"""
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
@@ -178,14 +179,14 @@ class HubLayoutMixin:
             if _is_entry(entry, library=CUSTOM_COMPONENT_MODULE):
                 (folder / name).mkdir(exist_ok=True)
                 (folder / name / f"{CUSTOM_COMPONENT_MODULE}.py").write_text(CUSTOM_COMPONENT_SOURCE, encoding="utf-8")
-            elif _is_entry(entry, "transformers", "T5TokenizerFast"):
+            elif _is_entry(entry, "transformers") and entry[1] in PORTABLE_TOKENIZERS.values():
                 make_tokenizer_config_portable(folder / name)
         super().save_config(os.fspath(save_directory), push_to_hub=push_to_hub, **kwargs)
 
     def to_json_string(self) -> str:
         """The config as diffusers serialises it, with `_class_name` the pair `[CUSTOM_PIPELINE_MODULE, class]`,
-        each component of ours `[CUSTOM_COMPONENT_MODULE, class]` and a T5 tokenizer named so that transformers 4
-        loads what transformers 5 saved (`portable_tokenizer_entry`): what `model_index.json` holds."""
+        each component of ours `[CUSTOM_COMPONENT_MODULE, class]` and T5 and CLIP tokenizers named so that
+        transformers 4 loads what transformers 5 saved (`portable_tokenizer_entry`): what `model_index.json` holds."""
         config = json.loads(super().to_json_string())
         config["_class_name"] = [CUSTOM_PIPELINE_MODULE, type(self).__name__]
         for name, entry in config.items():

@@ -10,7 +10,7 @@ AutoPipelines read `model_index.json` with diffusers' stock reader, which keeps 
 
 diffusers' `auto_pipeline` module imports most of diffusers' pipelines (a second on the CPU, and transformers' image
 processors with their warnings), so `import if_diffusers` does not import it: `register_when_imported` registers
-at once where it is already imported, and otherwise when it is (an import hook on `sys.meta_path`).
+at once where it is already imported, and an import hook on `sys.meta_path` registers whenever it runs.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ TASK_MAPPINGS = ("AUTO_TEXT2IMAGE_PIPELINES_MAPPING", "AUTO_IMAGE2IMAGE_PIPELINE
 
 
 def register_when_imported() -> None:
-    """`register_auto_pipelines` now if diffusers' `auto_pipeline` module is imported, else right after it is."""
+    """`register_auto_pipelines` now if diffusers' `auto_pipeline` module is imported, and each time it runs."""
     if AUTO_PIPELINE_MODULE in sys.modules:
         register_auto_pipelines(sys.modules[AUTO_PIPELINE_MODULE])
-    elif not any(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path):
+    if not any(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _RegisterOnImport())
 
 
@@ -73,21 +73,31 @@ def _reading_plain_class_name(cls, json_file, **kwargs: Any) -> dict[str, Any]:
 
 class _RegisterOnImport(importlib.abc.MetaPathFinder):
     """Finds nothing itself: for diffusers' `auto_pipeline` module it takes the spec the other finders give and
-    registers our classes once the module has run, then leaves `sys.meta_path`."""
+    wraps its loader, so that our classes are registered each time the module runs (its first import, a reload).
+    Stays on `sys.meta_path`: a `find_spec` without an import (tooling) does not use it up."""
 
     def find_spec(self, name: str, path, target=None):
         if name != AUTO_PIPELINE_MODULE:
             return None
-        sys.meta_path.remove(self)
-        spec = next((found for finder in sys.meta_path if hasattr(finder, "find_spec")
-                     for found in [finder.find_spec(name, path, target)] if found is not None), None)  # fmt: skip
-        if spec is None or spec.loader is None:
-            return spec
-        run_module = spec.loader.exec_module
-
-        def run_and_register(module: ModuleType) -> None:
-            run_module(module)
-            register_auto_pipelines(module)
-
-        spec.loader.exec_module = run_and_register  # this spec's own loader object: no other module is affected
+        others = (finder for finder in sys.meta_path if finder is not self and hasattr(finder, "find_spec"))
+        spec = next((found for finder in others for found in [finder.find_spec(name, path, target)] if found), None)
+        if spec is not None and spec.loader is not None and not isinstance(spec.loader, _RegisteringLoader):
+            spec.loader = _RegisteringLoader(spec.loader)
         return spec
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    """`loader` (the module's own), with `register_auto_pipelines` once the module has run."""
+
+    def __init__(self, loader: importlib.abc.Loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.loader.exec_module(module)
+        register_auto_pipelines(module)
+
+    def __getattr__(self, name: str):  # get_source, get_filename, ...: the module's own loader answers
+        return getattr(self.loader, name)
