@@ -10,6 +10,13 @@ from local_hub import LocalHub, start_session_hub
 
 SESSION_HUB = start_session_hub()
 
+import os
+
+# Under pytest-xdist (README's `-n 2`) each worker has one core: the processes the tests start (the command line, the
+# batch runner, torchrun) take one thread too, as the workers' torch does (`_one_thread`), instead of contending.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import importlib.util
 from pathlib import Path
 from types import ModuleType
@@ -236,3 +243,28 @@ def local_hub() -> LocalHub:
     """The session's Hub on localhost, which HF_ENDPOINT points at for this process and the subprocesses it starts.
     Shared by every test, as is the cache under HF_HOME: give each repo an id of its own, and `clear_log()` first."""
     return SESSION_HUB
+
+
+@pytest.fixture(scope="session")
+def demo_app(tmp_path_factory):
+    """The app (`if_diffusers.app`) over the bundled demo cascade, served on a free localhost port for the session:
+    `.url`, `.jobs`, `.pipeline`. Its queue takes 4 waiting requests, one job at a time."""
+    import socket
+    from types import SimpleNamespace
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio"))
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(tmp_path_factory.mktemp("gradio_examples"))
+    from if_diffusers import demo_cascade
+    from if_diffusers.app import CascadeJobs, build_app
+    from if_diffusers.generation_record import BUNDLED_MODEL
+
+    pipeline = demo_cascade.load_demo_cascade()
+    jobs = CascadeJobs(pipeline, {"model": BUNDLED_MODEL, "stage_2": None, "stage_3": None}, torch.device("cpu"))
+    app = build_app(jobs, queue_size=4, concurrency=1)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", jobs=jobs, pipeline=pipeline, app=app)
+    app.close()

@@ -203,6 +203,51 @@ def test_callback_runs_at_every_step_of_stages_1_and_2(cascade):
     assert seen == [("IFPipeline", 8)] * 2 + [("IFSuperResolutionPipeline", 32)] * 2
 
 
+@pytest.mark.parametrize("last_stage", [1, 2])
+def test_last_stage_returns_that_stages_images_of_a_full_call(cascade, last_stage):
+    """Candidates first, upscaling later: `last_stage=N` returns stage N's images of the full call with the same
+    generators, and runs no later stage."""
+    pipeline = cascade()
+    run = dict(height=8, width=8, output_type="pt", **STEPS)
+    full = pipeline(PROMPTS, generator=[torch.Generator().manual_seed(k) for k in (3, 4)], return_intermediates=True,
+                    **run)  # fmt: skip
+    later = [pipeline.stage_2_unet, pipeline.stage_3_unet][last_stage - 1]
+    hook = later.register_forward_pre_hook(lambda *args: pytest.fail("a later stage ran"))
+    try:
+        output = pipeline(PROMPTS, generator=[torch.Generator().manual_seed(k) for k in (3, 4)], last_stage=last_stage,
+                          return_intermediates=True, **run)  # fmt: skip
+    finally:
+        hook.remove()
+    expected = [full.stage_1_images, full.stage_2_images][last_stage - 1]
+    assert torch.equal(output.images, expected)
+    assert output.stage_2_images is None and (last_stage == 1) == (output.stage_1_images is None)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_callback_setting_interrupt_stops_the_cascade_after_that_step(cascade, stage):
+    """diffusers' way to stop a call: the callback sets `pipe._interrupt`; no later step or stage runs, the stage's
+    images so far come back and `interrupt` reads True (False again at the next call)."""
+    pipeline = cascade()
+    seen = []
+
+    def callback(pipe, step, timestep, tensors):
+        seen.append((type(pipe).__name__, step))
+        if len(seen) == (1 if stage == 1 else 3):
+            pipe._interrupt = True
+        return tensors
+
+    hook = pipeline.stage_3_unet.register_forward_pre_hook(lambda *args: pytest.fail("stage III ran"))
+    try:
+        output = pipeline(PROMPTS, height=8, width=8, output_type="pt", callback_on_step_end=callback, **STEPS)
+    finally:
+        hook.remove()
+    stopped = ("IFPipeline", 0) if stage == 1 else ("IFSuperResolutionPipeline", 0)
+    assert seen[-1] == stopped and len(seen) == (1 if stage == 1 else 3)
+    assert output.images.shape[-1] == (8 if stage == 1 else 32) and pipeline.interrupt
+    pipeline(PROMPTS, height=8, width=8, output_type="pt", last_stage=1, **STEPS)
+    assert not pipeline.interrupt
+
+
 def _safety_components(flag: bool):
     config = CLIPConfig(vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                            num_attention_heads=2, image_size=32, patch_size=8, projection_dim=8),
@@ -371,6 +416,8 @@ def test_from_stages_and_constructor_reject_misfits(pipeline_components, tiny_up
         (dict(image=_source(), height=16), r"height=16, width=None: with image"),
         (dict(output_type="latent"), r"output_type='latent'"),
         (dict(prompt=None, prompt_embeds=torch.zeros(2, 77, 24)), r"pass stage_3_prompt as text"),
+        (dict(last_stage=4), r"last_stage=4: expected an int in \[1, 3\] \(this cascade has 3 stages\)"),
+        (dict(last_stage=True), r"last_stage=True: expected an int"),
     ],
 )
 def test_bad_input_fails_before_any_model_runs(cascade, call, message):
@@ -405,7 +452,7 @@ def test_check_inputs_accepts_a_good_call_without_running_a_model(cascade, mode)
     finally:
         for hook in hooks:
             hook.remove()
-    assert calls == [] and not pipeline._checks_only
+    assert calls == [] and not pipeline._checks_only_calls.ids
 
 
 def test_offload_sequence_names_every_model(cascade):

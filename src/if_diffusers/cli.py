@@ -7,6 +7,7 @@
     if-diffusers batch prompts.jsonl -o dataset --batch-size 8      # accelerate launch ... -m if_diffusers batch
     if-diffusers convert --checkpoint IF-I-XL-v1.0 --output IF-I-XL-diffusers --variant fp16 --validate
     if-diffusers train --help
+    if-diffusers serve --port 7860                                  # the web app (the [app] extra)
 
 `generate` runs `IFCascadePipeline` and writes image files (its options shared with `batch`:
 `generation_options`); `batch` makes an imagefolder dataset from a prompt file (`if_diffusers.batch`); `convert` is
@@ -22,9 +23,11 @@ from pathlib import Path
 
 import PIL.Image
 
+from . import app
 from . import generation_options as options
 from .batch import command_line as batch_command
 from .conversion import command_line as convert_command
+from .generation_record import BUNDLED_MODEL, GenerationRecord
 from .image_processing import image_grid, read_image
 from .training import command_line as train_command
 
@@ -42,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     convert_command.add_arguments(convert)
     train = commands.add_parser("train", help=train_command.DESCRIPTION, description=train_command.DESCRIPTION)
     train_command.add_train_arguments(train)
+    serve = commands.add_parser("serve", help=app.DESCRIPTION, description=app.DESCRIPTION)
+    app.add_arguments(serve)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return app.run(serve, args)
     if args.command == "convert":
         return convert_command.run(convert, args)
     if args.command == "train":
@@ -53,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", help="the text to draw")
+    parser.add_argument("prompt", nargs="?", help="the text to draw (not with --settings)")
     parser.add_argument("-o", "--output", default="out.png", help="image file to write (default out.png)")
     options.add_model_arguments(parser)
     parser.add_argument("--mode", choices=options.MODES, default="text2img")
@@ -61,10 +68,17 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask", help="inpaint: the mask image file (white where to repaint)")
     options.add_sampling_arguments(parser)
     parser.add_argument("--save-intermediates", action="store_true", help="also save each earlier stage's images")
+    parser.add_argument("--settings", metavar="FILE", help="make an image again from its settings: a PNG the app "
+                        "wrote, or its settings saved as .json (prompt, seed, models, every stage's arguments); "
+                        "--model/--stage-2/--stage-3/--dtype may name another copy of the same models")  # fmt: skip
 
 
 def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Check the arguments (before loading anything), load the cascade, generate and save; 0 on success."""
+    if args.settings is not None:
+        return run_replay(parser, args)
+    if args.prompt is None:
+        parser.error("the prompt is missing: give the text to draw, or --settings FILE")
     if args.mode != "text2img" and args.image is None:
         parser.error(f"--mode {args.mode} needs --image")
     if args.mode == "inpaint" and args.mask is None:
@@ -86,6 +100,36 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
             **options.call_settings(args, pipeline.has_stage_3, args.mode),
         )  # fmt: skip
         written = save_images(Path(args.output), output)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+REPLAY_FIXED = ("prompt", "mode", "negative_prompt", "steps", "guidance", "low_res_consistency", "seed", "num_images",
+                "save_intermediates")  # fmt: skip
+
+
+def run_replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`generate --settings FILE`: the image the record describes, to the same pixels (same device and dtype)."""
+    for name in REPLAY_FIXED:
+        if getattr(args, name) != parser.get_default(name):
+            option = name if name == "prompt" else "--" + name.replace("_", "-")
+            parser.error(f"{option} with --settings: the settings file fixes it; leave {option} out")
+    try:
+        record = GenerationRecord.read(args.settings)
+        options.check_output_file(Path(args.output))
+        image = read_image(args.image, "RGB", "--image") if args.image else None
+        mask = read_image(args.mask, "L", "--mask") if args.mask else None
+        record.check_images(image, mask)
+        if args.model is None:
+            recorded = {k: v for k, v in record.models.items() if v != BUNDLED_MODEL}
+            args.model, args.stage_2, args.stage_3 = (recorded.get(k) for k in ("model", "stage_2", "stage_3"))
+        device, dtype = options.resolve_device(args.device or record.device, args.dtype or record.dtype, args.offload)
+        pipeline = options.load_cascade(args, dtype, device, [record.prompt])
+        written = save_images(Path(args.output), record.replay(pipeline, image, mask))
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

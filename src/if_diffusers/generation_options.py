@@ -20,6 +20,7 @@ import PIL.Image
 import torch
 
 from . import demo_cascade
+from .generation_record import BUNDLED_MODEL
 from .installed_versions import dtype_argument
 from .quantization import TEXT_ENCODER_QUANTIZATIONS, text_encoder_quantization
 from .synthetic import shapes
@@ -31,20 +32,22 @@ MODES = ("text2img", "img2img", "inpaint")
 OFFLOAD = ("none", "model", "sequential")
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64 - 1; JSON and int64 columns up to this
-BUNDLED_MODEL = "if_diffusers/demo_model"  # the model id that metadata records for the bundled demo cascade
 MAX_NAMED_WORDS = 10  # of a prompt file's words unknown to the bundled model, the warning names the first ones
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --stage-2, --stage-3, --device, --dtype, --offload, --quantize-text-encoder."""
+def add_model_arguments(parser: argparse.ArgumentParser, offload_default: str = "none") -> None:
+    """--model, --stage-2, --stage-3, --device, --dtype, --offload (`offload_default` "auto" adds that choice),
+    --quantize-text-encoder."""
     parser.add_argument("--model", help="a saved IFCascadePipeline folder, or stage I's folder or hub id (with "
                         "--stage-2); default: the demo cascade bundled in the package (32x32 -> 128x128 shapes)")  # fmt: skip
     parser.add_argument("--stage-2", help="stage II's folder or hub id, when --model is stage I's")
     parser.add_argument("--stage-3", help="the x4 upscaler's folder or hub id (optional)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 elsewhere")
-    parser.add_argument("--offload", choices=OFFLOAD, default="none",
-                        help="CPU offload of the models, to an accelerator (--device cuda)")  # fmt: skip
+    auto = ("auto",) if offload_default == "auto" else ()
+    parser.add_argument("--offload", choices=OFFLOAD + auto, default=offload_default,
+                        help="CPU offload of the models, to an accelerator (--device cuda)"
+                        + ("; auto: from the free GPU memory, none on the CPU" if auto else ""))  # fmt: skip
     parser.add_argument("--quantize-text-encoder", choices=tuple(TEXT_ENCODER_QUANTIZATIONS),
                         help="load T5 quantized: int8 (torchao's int8 weight-only, the [quantization] extra; "
                         "T5-XXL in 4.9 GB) or nf4 (bitsandbytes' 4-bit NormalFloat; 6.3 GB, its wo layers kept in "

@@ -9,6 +9,7 @@ every stage is checked before the first model runs.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +71,11 @@ from .stage_quantization import stage_quantization_configs
 STAGE_3_COMPONENTS = ("stage_3_tokenizer", "stage_3_text_encoder", "stage_3_unet", "stage_3_vae", "stage_3_scheduler",
                       "stage_3_low_res_scheduler")  # fmt: skip
 STAGE_3_IN_CHANNELS = 7  # 4 latent channels + the 3-channel low-res image
+
+
+class _ThreadCalls(threading.local):
+    def __init__(self):
+        self.ids: set[int] = set()
 
 
 STAGE_PIPELINES = {
@@ -229,17 +235,17 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
     def has_stage_3(self) -> bool:
         return self.stage_3_unet is not None
 
-    _checks_only = False  # set by check_inputs: __call__ returns after its checks
+    _checks_only_calls = _ThreadCalls()  # the cascades whose check_inputs runs in this thread
 
     def check_inputs(self, *args, **kwargs) -> None:
         """The checks `__call__` makes of these arguments (the same ones, e.g. `pipe.check_inputs("a prompt",
         stage_1_guidance_scale=5)`) before its first model runs, without running one: a `ValueError` naming the
         argument for the first bad one, else `None`. Checks a batch of calls before the first image is made."""
-        self._checks_only = True
+        self._checks_only_calls.ids.add(id(self))  # per thread: a call in another thread meanwhile runs in full
         try:
             self(*args, **kwargs)
         finally:
-            self._checks_only = False
+            self._checks_only_calls.ids.discard(id(self))
 
     # --- the call -----------------------------------------------------------------------------------------------
 
@@ -281,6 +287,7 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
         stage_3_noise_level: int = 20,
         keep_unmasked_pixels: bool = True,
         return_intermediates: bool = False,
+        last_stage: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("intermediate_images",),
     ):
@@ -319,8 +326,13 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
             keep_unmasked_pixels: inpainting with stage III: paste `image`'s pixels outside the mask back into the
                 final images (the x4 upscaler has no inpainting mode; stages I and II keep them by construction).
             return_intermediates: also return the images of stages I (and II, when stage III ran).
+            last_stage: stop after this stage (1, 2 or, with stage III, 3) and return its images: `last_stage=1`
+                draws stage I candidates to choose from before upscaling one (the same images as stage I's of a full
+                call with the same generators). Default: every stage the cascade has.
             callback_on_step_end, callback_on_step_end_tensor_inputs: called at every step of stages I and II with
-                the stage pipeline that runs as first argument (`IFPipeline.__call__`).
+                the stage pipeline that runs as first argument (`IFPipeline.__call__`). Setting its `_interrupt`
+                (diffusers' way to stop a call) ends that stage's loop and the cascade after it: the images of that
+                stage so far are returned, and `pipe.interrupt` reads `True` until the next call.
 
         Examples:
 
@@ -374,8 +386,10 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
                                                stage_2_low_res_consistency_late_factor,
                                                stage_2_low_res_consistency_late_timestep, sizes[1])  # fmt: skip
         sources, masks = stage_images(source, mask_image, sizes, batch_size, num_images_per_prompt)
-        if self._checks_only:
+        stages_run = check_last_stage(last_stage, 3 if self.has_stage_3 else 2)
+        if id(self) in self._checks_only_calls.ids:
             return None
+        self._interrupt = False
 
         # --- T5 once, for stages I and II ---
         device = self._execution_device
@@ -391,6 +405,8 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
             guidance_scale=guidance_1, **steps_1, **mode_inputs(mode, sources[0], masks[0], stage_1_strength),
             **({} if img2img else {"height": sizes[0][0], "width": sizes[0][1]}), **shared,
         ).images  # fmt: skip
+        if self._stopped(stage_1) or stages_run == 1:
+            return self._finish(images_1, [], output_type, return_dict, return_intermediates)
         images_2 = stage_2(
             image=images_1, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=_if_guided(negative_prompt_embeds, guidance_2), guidance_scale=guidance_2,
@@ -403,7 +419,7 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
         ).images  # fmt: skip
         intermediates = [images_1]
         final = images_2
-        if stage_3 is not None:
+        if not self._stopped(stage_2) and stage_3 is not None and stages_run == 3:
             intermediates.append(images_2)
             final = stage_3(
                 prompt=stage_3_prompts[0], negative_prompt=stage_3_prompts[1], image=(images_2 + 1) / 2,
@@ -413,6 +429,11 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
             if mode == "inpaint" and keep_unmasked_pixels:
                 final = torch.lerp(sources[2].to(final), final, masks[2].to(final))
         return self._finish(final, intermediates, output_type, return_dict, return_intermediates)
+
+    @property
+    def interrupt(self) -> bool:
+        """Whether the last call was interrupted (a callback set its stage pipeline's `_interrupt`)."""
+        return getattr(self, "_interrupt", False)
 
     # --- steps of the call --------------------------------------------------------------------------------------
 
@@ -441,6 +462,10 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
             pipeline.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return pipelines
 
+    def _stopped(self, stage_pipeline: DiffusionPipeline) -> bool:
+        self._interrupt = stage_pipeline.interrupt
+        return self._interrupt
+
     def _finish(self, final: torch.Tensor, intermediates: list[torch.Tensor], output_type: str, return_dict: bool,
                 return_intermediates: bool):  # fmt: skip
         """The safety checker on the final images; a flagged sample is blacked out in every stage's images."""
@@ -456,6 +481,16 @@ class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
         self.maybe_free_model_hooks()
         output = IFCascadePipelineOutput(final, nsfw_detected, watermark_detected, *stages)
         return output if return_dict else output.to_tuple()
+
+
+def check_last_stage(last_stage: int | None, stages: int) -> int:
+    """The number of stages a call runs: `last_stage`, checked against the cascade's `stages`, or all of them."""
+    if last_stage is None:
+        return stages
+    if isinstance(last_stage, bool) or not isinstance(last_stage, int) or not 1 <= last_stage <= stages:
+        raise ValueError(f"last_stage={last_stage!r}: expected an int in [1, {stages}] (this cascade has {stages} "
+                         "stages), or None for all of them")  # fmt: skip
+    return last_stage
 
 
 def _default(value, default):
