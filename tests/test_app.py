@@ -303,3 +303,36 @@ def test_the_bundled_models_examples_use_only_its_caption_words():
     from if_diffusers.demo_cascade import unknown_words
 
     assert [unknown_words(example) for example in BUNDLED_EXAMPLES] == [[]] * len(BUNDLED_EXAMPLES)
+
+
+def _wait_for_progress(job, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not job.status().progress_data:
+        assert time.monotonic() < deadline, "the job never reported progress"
+        time.sleep(0.05)
+
+
+def test_endpoints_share_one_job_slot_and_a_dropped_request_stops_its_job(demo_app, tmp_path):
+    """/generate and /img2img from two clients: the second waits while the first runs (one job on the models,
+    whichever the endpoint). A client that goes away mid-job (gradio cancels its request) stops it between steps."""
+    first, second = Client(demo_app.url, verbose=False), Client(demo_app.url, verbose=False)
+    running = first.submit(PROMPT, "", 4, 0, False, "400", None, api_name="/generate")  # minutes if not stopped
+    _wait_for_progress(running)
+    waiting = second.submit(PROMPT, handle_file(_source_image(tmp_path)), "", 1.0, 0, False, "10,0", "", "2",
+                            api_name="/img2img")  # fmt: skip
+    time.sleep(1.0)
+    assert waiting.status().code.name == "IN_QUEUE" and not running.done()
+    started = time.monotonic()
+    running.cancel()  # as a closed page: the request is dropped
+    assert len(waiting.result(timeout=60)[1]) == 2 and time.monotonic() - started < 15  # the image and its source
+
+
+def test_a_record_is_checked_and_replays_only_where_its_noise_was_drawn(demo_app):
+    good = dict(prompt=PROMPT, negative_prompt=None, seed=3, mode="text2img", arguments={}, last_stage=1)
+    for change, message in ((dict(seed="3"), "seed='3': expected a value of type int"), (dict(last_stage=4), "last_stage=4"),
+                            (dict(dtype="int8"), "dtype='int8'"), (dict(arguments={"eta": 1}), "arguments has"),
+                            (dict(mode="img2img"), "image_sha256 / mask_sha256 do not fit")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            GenerationRecord(**{**good, **change})
+    with pytest.raises(ValueError, match="drew their noise on cuda; the pipeline runs on cpu"):
+        GenerationRecord(**good, device="cuda").replay(demo_app.pipeline)

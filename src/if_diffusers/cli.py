@@ -74,31 +74,28 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """Check the arguments (before loading anything), load the cascade, generate and save; 0 on success."""
+    """Check the arguments (before loading anything), load the cascade, generate (or, with --settings, make an image
+    again) and save; 0 on success, 1 with one line on stderr for an error."""
     if args.settings is not None:
-        return run_replay(parser, args)
-    if args.prompt is None:
-        parser.error("the prompt is missing: give the text to draw, or --settings FILE")
-    if args.mode != "text2img" and args.image is None:
-        parser.error(f"--mode {args.mode} needs --image")
-    if args.mode == "inpaint" and args.mask is None:
-        parser.error("--mode inpaint needs --mask")
-    if args.mode != "inpaint" and args.mask is not None:
-        parser.error("--mask is for --mode inpaint")
-    options.check_sampling_arguments(parser, args)
+        for name in REPLAY_FIXED:
+            if getattr(args, name) != parser.get_default(name):
+                option = name if name == "prompt" else "--" + name.replace("_", "-")
+                parser.error(f"{option} with --settings: the settings file fixes it; leave {option} out")
+    else:
+        if args.prompt is None:
+            parser.error("the prompt is missing: give the text to draw, or --settings FILE")
+        if args.mode != "text2img" and args.image is None:
+            parser.error(f"--mode {args.mode} needs --image")
+        if args.mode == "inpaint" and args.mask is None:
+            parser.error("--mode inpaint needs --mask")
+        if args.mode != "inpaint" and args.mask is not None:
+            parser.error("--mask is for --mode inpaint")
+        options.check_sampling_arguments(parser, args)
     try:
         options.check_output_file(Path(args.output))
-        device, dtype = options.resolve_device(args.device, args.dtype, args.offload)
         image = read_image(args.image, "RGB", "--image") if args.image else None
         mask = read_image(args.mask, "L", "--mask") if args.mask else None
-        pipeline = options.load_cascade(args, dtype, device, [args.prompt])
-        output = pipeline(
-            args.prompt, image=image, mask_image=mask, negative_prompt=args.negative_prompt,
-            num_images_per_prompt=args.num_images,
-            generator=options.generators(options.image_seeds(args.seed, args.num_images), device),
-            return_intermediates=args.save_intermediates,
-            **options.call_settings(args, pipeline.has_stage_3, args.mode),
-        )  # fmt: skip
+        output = _replay(args, image, mask) if args.settings is not None else _generate(args, image, mask)
         written = save_images(Path(args.output), output)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -108,34 +105,31 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     return 0
 
 
+def _generate(args: argparse.Namespace, image: PIL.Image.Image | None, mask: PIL.Image.Image | None):
+    device, dtype = options.resolve_device(args.device, args.dtype, args.offload)
+    pipeline = options.load_cascade(args, dtype, device, [args.prompt])
+    return pipeline(
+        args.prompt, image=image, mask_image=mask, negative_prompt=args.negative_prompt,
+        num_images_per_prompt=args.num_images,
+        generator=options.generators(options.image_seeds(args.seed, args.num_images), device),
+        return_intermediates=args.save_intermediates, **options.call_settings(args, pipeline.has_stage_3, args.mode),
+    )  # fmt: skip
+
+
 REPLAY_FIXED = ("prompt", "mode", "negative_prompt", "steps", "guidance", "low_res_consistency", "seed", "num_images",
                 "save_intermediates")  # fmt: skip
 
 
-def run_replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """`generate --settings FILE`: the image the record describes, to the same pixels (same device and dtype)."""
-    for name in REPLAY_FIXED:
-        if getattr(args, name) != parser.get_default(name):
-            option = name if name == "prompt" else "--" + name.replace("_", "-")
-            parser.error(f"{option} with --settings: the settings file fixes it; leave {option} out")
-    try:
-        record = GenerationRecord.read(args.settings)
-        options.check_output_file(Path(args.output))
-        image = read_image(args.image, "RGB", "--image") if args.image else None
-        mask = read_image(args.mask, "L", "--mask") if args.mask else None
-        record.check_images(image, mask)
-        if args.model is None:
-            recorded = {k: v for k, v in record.models.items() if v != BUNDLED_MODEL}
-            args.model, args.stage_2, args.stage_3 = (recorded.get(k) for k in ("model", "stage_2", "stage_3"))
-        device, dtype = options.resolve_device(args.device or record.device, args.dtype or record.dtype, args.offload)
-        pipeline = options.load_cascade(args, dtype, device, [record.prompt])
-        written = save_images(Path(args.output), record.replay(pipeline, image, mask))
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for path in written:
-        print(f"wrote {path}")
-    return 0
+def _replay(args: argparse.Namespace, image: PIL.Image.Image | None, mask: PIL.Image.Image | None):
+    """`generate --settings FILE`: the image the record describes, to the same pixels: its models (unless
+    --model names another copy), dtype and device kind by default."""
+    record = GenerationRecord.read(args.settings)
+    record.check_images(image, mask)
+    if args.model is None:
+        recorded = {k: v for k, v in record.models.items() if v != BUNDLED_MODEL}
+        args.model, args.stage_2, args.stage_3 = (recorded.get(k) for k in ("model", "stage_2", "stage_3"))
+    device, dtype = options.resolve_device(args.device or record.device, args.dtype or record.dtype, args.offload)
+    return record.replay(options.load_cascade(args, dtype, device, [record.prompt]), image, mask)
 
 
 def save_images(output: Path, result) -> list[Path]:

@@ -173,9 +173,14 @@ def load_cascade(args: argparse.Namespace, dtype: torch.dtype, device: torch.dev
     else:
         pipeline = IFCascadePipeline.from_pretrained_stages(args.model, args.stage_2, args.stage_3,
                                                             **dtype_argument(dtype), **quantization)  # fmt: skip
-    if args.offload == "model":
+    return place(pipeline, args.offload, device)
+
+
+def place(pipeline: IFCascadePipeline, offload: str, device: torch.device) -> IFCascadePipeline:
+    """The pipeline on `device`, or offloaded to it ("model", "sequential")."""
+    if offload == "model":
         pipeline.enable_model_cpu_offload(device=device)
-    elif args.offload == "sequential":
+    elif offload == "sequential":
         pipeline.enable_sequential_cpu_offload(device=device)
     else:
         pipeline.to(device)

@@ -6,7 +6,9 @@ and read back by `if-diffusers generate --settings image.png` and `GenerationRec
     images = record.replay(pipeline).images   # the same pixels, on the same device and dtype
 
 img2img and inpainting record the SHA-256 of the source image's and the mask's pixels (not the images): a replay
-needs them passed again, and checks them.
+needs them passed again, and checks them. The same pixels need the same kind of device and dtype (recorded and
+checked). On the CPU a candidate drawn among 4 replays alone to the pixel (tested); on CUDA, whose kernels depend on
+the batch size, it may differ from its batch's image in the last bits.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class GenerationRecord:
         for name, kind in expected.items():
             value = getattr(self, name)
             if not isinstance(value, kind) or isinstance(value, bool):
-                raise ValueError(f"{name}={value!r}: expected a {kind.__name__}")
+                raise ValueError(f"{name}={value!r}: expected a value of type {kind.__name__}")
         if not 0 <= self.seed < 2**64:
             raise ValueError(f"seed={self.seed}: expected a whole number in [0, 2**64)")
         if self.last_stage not in (None, 1, 2, 3):

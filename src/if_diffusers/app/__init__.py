@@ -67,12 +67,7 @@ def load_jobs(args: argparse.Namespace) -> CascadeJobs:
                  for m in pipeline.components.values() if isinstance(m, torch.nn.Module)]  # fmt: skip
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
         args.offload = choose_offload(sum(sizes), max(sizes), free)
-        if args.offload == "model":
-            pipeline.enable_model_cpu_offload(device=device)
-        elif args.offload == "sequential":
-            pipeline.enable_sequential_cpu_offload(device=device)
-        else:
-            pipeline.to(device)
+        options.place(pipeline, args.offload, device)
     return CascadeJobs(pipeline, options.model_ids(args), device)
 
 

@@ -6,6 +6,9 @@ Stage I candidates are the cascade's stage I of a full call (`last_stage=1`) wit
 `seed + k`; upscaling candidate k is the full call with seed `seed + k`, so its images are `if-diffusers generate
 --seed S+k` and `GenerationRecord.replay`'s, to the pixel. It draws the candidate's stage I again (a fraction of the
 call: stage II and III dominate) rather than keep a generator's state between requests.
+
+On ZeroGPU (`spaces.GPU`) a job runs in another process: Cancel's event does not reach it there, and a job runs to
+its end.
 """
 
 from __future__ import annotations

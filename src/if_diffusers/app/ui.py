@@ -16,16 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import numpy as np
 import PIL.Image
 import PIL.PngImagePlugin
 
-from ..image_processing import read_image
 from ..synthetic import shapes
-from .jobs import MAX_CANDIDATES, PAGE_MAX_SEED, CascadeJobs, Finished, Form, Progress, StageImages, random_seed
+from . import fields
+from .jobs import MAX_CANDIDATES, PAGE_MAX_SEED, CascadeJobs, Form, Progress, StageImages, random_seed
 
 STAGE_NAMES = {1: "stage I", 2: "stage II", 3: "stage III"}
-CANDIDATE_CHOICES = [str(k) for k in range(1, MAX_CANDIDATES + 1)] + ["all"]
+UNCHANGED = (gr.skip(),)  # an output that an update leaves as it is
 BUNDLED_EXAMPLES = ["a red circle on a blue background", "a green triangle on a white background",
                     "a small yellow star at the top on a black background"]  # fmt: skip
 IF_EXAMPLES = ["a photo of a kangaroo holding a sign that says 'very deep learning'",
@@ -46,15 +45,18 @@ def build_app(jobs: CascadeJobs, queue_size: int = 8, concurrency: int = 1) -> g
     run = _gpu(jobs.run)
 
     def stream(session: str, records, image=None, mask=None, progress: gr.Progress | None = None):
-        """Run a job for a session; yields the job's events, each progress step shown on the page."""
+        """Run a job for a session; yields the job's events, each step shown on the page's progress bar."""
         cancel = cancels[session] = threading.Event()  # the session's latest job is the one Cancel stops
         try:
-            for event in run(records, image, mask, cancel):
-                if isinstance(event, Progress) and progress is not None:
-                    progress((event.step, event.total) if event.total else None,
-                             desc=f"{STAGE_NAMES[event.stage]}" + (f": step {event.step}/{event.total}"
-                                                                  if event.total else ""))  # fmt: skip
-                yield event
+            # Closed with this generator: gradio closes a handler whose request was dropped (at a yield: the
+            # handlers yield at every step), and the job then stops its call between steps.
+            with contextlib.closing(run(records, image, mask, cancel)) as events:
+                for event in events:
+                    if isinstance(event, Progress) and progress is not None:
+                        steps = f": step {event.step}/{event.total}" if event.total else ""
+                        progress((event.step, event.total) if event.total else None,
+                                 desc=f"{STAGE_NAMES[event.stage]}{steps}")  # fmt: skip
+                    yield event
         except gr.Error:
             raise
         except Exception as error:  # to the page as a message, not a trace; the worker lives on
@@ -73,16 +75,19 @@ def build_app(jobs: CascadeJobs, queue_size: int = 8, concurrency: int = 1) -> g
     def generate(prompt: str, negative_prompt: str = "", candidates: int = MAX_CANDIDATES, seed: int = 0,
                  randomize_seed: bool = True, stage_1_steps: str = "", stage_1_guidance: str = "",
                  request: gr.Request = None, progress=gr.Progress()):  # fmt: skip
-        count = _count(candidates)
-        seed = random_seed(count) if randomize_seed else _seed(seed)
-        form = _form(stage_1_steps, stage_1_guidance)
+        count = fields.count(candidates)
+        seed = random_seed(count) if randomize_seed else fields.seed(seed)
+        form = fields.form(stage_1_steps, stage_1_guidance)
         records = make_records("text2img", prompt, negative_prompt, [seed + k for k in range(count)], form, 1)
         # what the candidates on show were drawn with, for Upscale (set once they are on show)
         drawn = {"prompt": prompt, "negative": negative_prompt, "count": count, "seed": seed,
                  "stage_1": [stage_1_steps, stage_1_guidance]}  # fmt: skip
         yield [], "", seed, "Drawing stage I candidates...", None
-        for event in stream(_session(request), records, progress=progress):
-            if isinstance(event, Finished):
+        with contextlib.closing(stream(_session(request), records, progress=progress)) as events:
+            for event in events:
+                if isinstance(event, Progress):
+                    yield UNCHANGED * 5  # a step: gradio may close this handler here
+                    continue
                 if event.cancelled:
                     yield [], "", seed, "Cancelled.", None
                     return
@@ -97,9 +102,9 @@ def build_app(jobs: CascadeJobs, queue_size: int = 8, concurrency: int = 1) -> g
                 stage_3_steps: str = "", stage_3_guidance: str = "",
                 stage_3_noise_level: str = "", request: gr.Request = None,
                 progress=gr.Progress()):  # fmt: skip
-        count, seed = _count(candidates), _seed(seed)
-        chosen = list(range(count)) if candidate == "all" else [_candidate(candidate, count)]
-        form = _form(stage_1_steps, stage_1_guidance, stage_2_steps, stage_2_guidance, stage_2_noise_level,
+        count, seed = fields.count(candidates), fields.seed(seed)
+        chosen = list(range(count)) if candidate == "all" else [fields.candidate(candidate, count)]
+        form = fields.form(stage_1_steps, stage_1_guidance, stage_2_steps, stage_2_guidance, stage_2_noise_level,
                      stage_3_steps, stage_3_guidance, stage_3_noise_level)  # fmt: skip
         records = make_records("text2img", prompt, negative_prompt, [seed + k for k in chosen], form)
         job = stream(_session(request), records, progress=progress)
@@ -118,9 +123,9 @@ def build_app(jobs: CascadeJobs, queue_size: int = 8, concurrency: int = 1) -> g
                 stage_2_steps: str = "", stage_2_guidance: str = "", stage_2_noise_level: str = "",
                 stage_3_steps: str = "", stage_3_guidance: str = "",
                 stage_3_noise_level: str = "", request: gr.Request = None, progress=gr.Progress()):  # fmt: skip
-        source = _read("image", image, "RGB")
-        seed = random_seed(1) if randomize_seed else _seed(seed)
-        form = _form(stage_1_steps, stage_1_guidance, stage_2_steps, stage_2_guidance, stage_2_noise_level,
+        source = fields.read("image", image, "RGB")
+        seed = random_seed(1) if randomize_seed else fields.seed(seed)
+        form = fields.form(stage_1_steps, stage_1_guidance, stage_2_steps, stage_2_guidance, stage_2_noise_level,
                      stage_3_steps, stage_3_guidance, stage_3_noise_level, strength)  # fmt: skip
         records = make_records("img2img", prompt, negative_prompt, [seed], form, image=source)
         job = stream(_session(request), records, source, progress=progress)
@@ -131,13 +136,13 @@ def build_app(jobs: CascadeJobs, queue_size: int = 8, concurrency: int = 1) -> g
                 stage_2_steps: str = "", stage_2_guidance: str = "", stage_2_noise_level: str = "",
                 stage_3_steps: str = "", stage_3_guidance: str = "",
                 stage_3_noise_level: str = "", request: gr.Request = None, progress=gr.Progress()):  # fmt: skip
-        source = _read("image", image, "RGB")
-        mask = mask if isinstance(mask, PIL.Image.Image) else _read("mask", mask, "L")
+        source = fields.read("image", image, "RGB")
+        mask = mask if isinstance(mask, PIL.Image.Image) else fields.read("mask", mask, "L")
         if mask is not None and source is not None and mask.size != source.size:
             raise gr.Error(f"the mask is {mask.size[0]}x{mask.size[1]}, the image {source.size[0]}x{source.size[1]}: "
                            "expected the same size", print_exception=False)  # fmt: skip
-        seed = random_seed(1) if randomize_seed else _seed(seed)
-        form = _form(stage_1_steps, stage_1_guidance, stage_2_steps, stage_2_guidance, stage_2_noise_level,
+        seed = random_seed(1) if randomize_seed else fields.seed(seed)
+        form = fields.form(stage_1_steps, stage_1_guidance, stage_2_steps, stage_2_guidance, stage_2_noise_level,
                      stage_3_steps, stage_3_guidance, stage_3_noise_level, strength)  # fmt: skip
         records = make_records("inpaint", prompt, negative_prompt, [seed], form, image=source, mask=mask)
         job = stream(_session(request), records, source, mask, progress=progress)
@@ -145,7 +150,7 @@ def build_app(jobs: CascadeJobs, queue_size: int = 8, concurrency: int = 1) -> g
 
     def inpaint_editor(prompt, editor, negative_prompt, strength, seed, randomize_seed, *advanced,
                        request: gr.Request = None, progress=gr.Progress()):  # fmt: skip
-        image, mask = _editor_image_and_mask(editor)
+        image, mask = fields.editor_image_and_mask(editor)
         yield from inpaint(prompt, image, mask, negative_prompt, strength, seed, randomize_seed, *advanced,
                            request=request, progress=progress)  # fmt: skip
 
@@ -176,7 +181,7 @@ def build_app(jobs: CascadeJobs, queue_size: int = 8, concurrency: int = 1) -> g
                 candidates = gr.Gallery(label="Stage I candidates (click one to choose it)", columns=MAX_CANDIDATES,
                                         format="png", elem_id="candidates-gallery", buttons=["download", "fullscreen"])  # fmt: skip
                 with gr.Row():
-                    candidate = gr.Dropdown(CANDIDATE_CHOICES, value="1", label="Candidate to upscale",
+                    candidate = gr.Dropdown(fields.CANDIDATE_CHOICES, value="1", label="Candidate to upscale",
                                             elem_id="candidate")  # fmt: skip
                     upscale_button = gr.Button("Upscale", variant="primary", elem_id="upscale")
                     api_upscale = gr.Button(visible=False)  # /upscale: every setting explicit, for API clients
@@ -188,7 +193,7 @@ def build_app(jobs: CascadeJobs, queue_size: int = 8, concurrency: int = 1) -> g
                             [prompt, negative, count, seed, randomize], [candidates, settings, seed, status, drawn], generate,
                             cache_examples=True, cache_mode="lazy", label="Examples (cached once run)")  # fmt: skip
             with gr.Tab("Image to image", id="img2img"):
-                source = image_upload("Image", elem_id="img2img-image")
+                source = fields.image_upload("Image", elem_id="img2img-image")
                 img2img_strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength (1: the whole preset)")
                 img2img_button = gr.Button("Restyle", variant="primary", elem_id="img2img")
                 img2img_out = gr.Gallery(label="Result", columns=3, format="png", elem_id="img2img-out",
@@ -203,8 +208,8 @@ def build_app(jobs: CascadeJobs, queue_size: int = 8, concurrency: int = 1) -> g
                 inpaint_out = gr.Gallery(label="Result", columns=3, format="png", elem_id="inpaint-out",
                                          buttons=["download", "fullscreen"])  # fmt: skip
                 inpaint_files = gr.File(label="Download", file_count="multiple", elem_id="inpaint-files")
-                api_image = image_upload("image", visible=False)  # /inpaint's, for API clients
-                api_mask = image_upload("mask", visible=False)
+                api_image = fields.image_upload("image", visible=False)  # /inpaint's, for API clients
+                api_mask = fields.image_upload("mask", visible=False)
                 api_inpaint = gr.Button(visible=False)
         with gr.Accordion("Advanced settings (blank: the model's defaults, shown for text to image)", open=False):
             advanced = _advanced_fields(jobs)
@@ -231,25 +236,9 @@ def build_app(jobs: CascadeJobs, queue_size: int = 8, concurrency: int = 1) -> g
         api_inpaint.click(inpaint, [prompt, api_image, api_mask, negative, inpaint_strength, seed, randomize,
                                     *advanced], [inpaint_out, inpaint_files, settings, status], api_name="inpaint", **one_job)  # fmt: skip
         cancel_button.click(cancel, None, status, queue=False, api_name="cancel")
+        app.unload(cancel)  # a closed page stops its job
     app.queue(max_size=queue_size, default_concurrency_limit=concurrency)
     return app
-
-
-def image_upload(label: str, **kwargs: Any) -> gr.Image:
-    """`gr.Image` (file path) whose unreadable upload is a message naming it (gradio's own is a bare "Error"). The
-    instance's `preprocess` is wrapped: a subclass would make gradio write a `.pyi` stub beside this file."""
-    component = gr.Image(label=label, type="filepath", **kwargs)
-    preprocess = component.preprocess
-
-    def checked(payload):
-        try:
-            return preprocess(payload)
-        except (OSError, ValueError, SyntaxError) as error:
-            message = f"the {label.lower()} upload cannot be read as an image ({type(error).__name__})"
-            raise gr.Error(message, print_exception=False) from None
-
-    component.preprocess = checked
-    return component
 
 
 def _run_to_gallery(events: Iterator[Any], records, chosen: list[int], downloads: Path, seed: int | None = None,
@@ -258,24 +247,24 @@ def _run_to_gallery(events: Iterator[Any], records, chosen: list[int], downloads
     the final images, then the `inputs` a replay needs (img2img's source, inpainting's mask)."""
     shown: list[tuple[PIL.Image.Image, str]] = []
     yield [], [], "", "Running..."
-    for event in events:
-        if isinstance(event, StageImages):
-            shown += [
-                (image, f"candidate {k + 1}, {STAGE_NAMES[event.stage]}") for k, image in zip(chosen, event.images)
-            ]
-            yield shown, [], "", f"{STAGE_NAMES[event.stage]} done; {STAGE_NAMES[event.stage + 1]} running..."
-        elif isinstance(event, Finished):
-            if event.cancelled:
+    with contextlib.closing(events):
+        for event in events:
+            if isinstance(event, Progress):
+                yield UNCHANGED * 4  # a step: gradio may close this handler here
+            elif isinstance(event, StageImages):
+                shown += [(image, f"candidate {k + 1}, {STAGE_NAMES[event.stage]}")
+                          for k, image in zip(chosen, event.images)]  # fmt: skip
+                yield shown, [], "", f"{STAGE_NAMES[event.stage]} done; {STAGE_NAMES[event.stage + 1]} running..."
+            elif event.cancelled:
                 yield shown, [], "", "Cancelled."
-                return
-            final_stage = max(event.images)
-            shown = [(image, f"candidate {k + 1}, {STAGE_NAMES[stage]}") for stage, images in event.images.items()
-                     for k, image in zip(chosen, images)]  # fmt: skip
-            files = _png_files(event.images[final_stage], chosen, downloads, inputs or {})
-            note = "" if seed is None else f" (seed {seed})"
-            replay = f", and the {' and '.join(inputs)} to make it again" if inputs else ""
-            status = f"Done{note}: {len(chosen)} image(s); the PNGs carry their settings{replay}."
-            yield shown, files, _settings_text(event.records), status
+            else:
+                shown = [(image, f"candidate {k + 1}, {STAGE_NAMES[stage]}") for stage, images in event.images.items()
+                         for k, image in zip(chosen, images)]  # fmt: skip
+                files = _png_files(event.images[max(event.images)], chosen, downloads, inputs or {})
+                note = "" if seed is None else f" (seed {seed})"
+                replay = f", and the {' and '.join(inputs)} to make it again" if inputs else ""
+                status = f"Done{note}: {len(chosen)} image(s); the PNGs carry their settings{replay}."
+                yield shown, files, _settings_text(event.records), status
 
 
 def _png_files(images: list[PIL.Image.Image], chosen: list[int], folder: Path,
@@ -305,30 +294,19 @@ def _png_files(images: list[PIL.Image.Image], chosen: list[int], folder: Path,
     return paths
 
 
-ADVANCED_FIELDS = (  # (elem_id, label, the cascade argument whose default a blank field takes)
-    ("stage-1-steps", "Stage I steps", "stage_1_timesteps"),
-    ("stage-1-guidance", "Stage I guidance", "stage_1_guidance_scale"),
-    ("stage-2-steps", "Stage II steps", "stage_2_timesteps"),
-    ("stage-2-guidance", "Stage II guidance", "stage_2_guidance_scale"),
-    ("stage-2-noise-level", "Stage II noise level, 0-999", "stage_2_noise_level"),
-    ("stage-3-steps", "Stage III steps", "stage_3_num_inference_steps"),
-    ("stage-3-guidance", "Stage III guidance", "stage_3_guidance_scale"),
-    ("stage-3-noise-level", "Stage III noise level, 0-350", "stage_3_noise_level"),
-)
-
-
 def _advanced_fields(jobs: CascadeJobs) -> list[gr.components.Component]:
     """Text fields (a browser sends an empty number field as 0): blank is the model's default, shown as the hint;
     steps take a preset (smart27, smart50, smart100, smart185, fast27, super27, ...), sections (10,10,0) or a
     number."""
     defaults = jobs.defaults("text2img")
-    fields = []
-    for row in (ADVANCED_FIELDS[:2], ADVANCED_FIELDS[2:5], ADVANCED_FIELDS[5:]):
+    boxes = []
+    rows = fields.ADVANCED_FIELDS
+    for row in (rows[:2], rows[2:5], rows[5:]):
         with gr.Row(visible=jobs.pipeline.has_stage_3 or row[0][0] != "stage-3-steps"):
             for elem_id, label, argument in row:
                 default = defaults.get(argument, defaults.get(argument.replace("timesteps", "num_inference_steps")))
-                fields.append(gr.Textbox(label=label, value="", placeholder=f"default: {default}", elem_id=elem_id))
-    return fields
+                boxes.append(gr.Textbox(label=label, value="", placeholder=f"default: {default}", elem_id=elem_id))
+    return boxes
 
 
 def _header(jobs: CascadeJobs) -> str:
@@ -342,87 +320,12 @@ def _header(jobs: CascadeJobs) -> str:
     return f"# DeepFloyd IF, with if-diffusers\nModels: {models}.\n\n{LICENCE_NOTE}"
 
 
-def _form(stage_1_steps=None, stage_1_guidance=None, stage_2_steps=None, stage_2_guidance=None,
-          stage_2_noise_level=None, stage_3_steps=None, stage_3_guidance=None, stage_3_noise_level=None,
-          strength=None) -> Form:  # fmt: skip
-    """The advanced fields' text (blank: default) as a `Form`; gr.Error naming a field that is not a number."""
-    numbers = [_number(label, value) for (_, label, _), value in zip(ADVANCED_FIELDS, (
-        None, stage_1_guidance, None, stage_2_guidance, stage_2_noise_level, stage_3_steps, stage_3_guidance,
-        stage_3_noise_level))]  # fmt: skip
-    return Form(_text(stage_1_steps), numbers[1], _text(stage_2_steps), *numbers[3:], strength)
-
-
-def _text(value) -> str | None:
-    return str(value).strip() or None if value is not None else None
-
-
-def _number(label: str, value) -> float | None:
-    text = _text(value)
-    if text is None:
-        return None
-    try:
-        number = float(text)
-    except ValueError:
-        number = float("nan")
-    if number != number or number in (float("inf"), float("-inf")):
-        raise gr.Error(f"{label} is {text!r}: expected a number, or blank for the default", print_exception=False)
-    return number
-
-
 def _chosen(selection: gr.SelectData) -> str:
     return str(selection.index + 1)
 
 
 def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "anonymous"
-
-
-def _count(count) -> int:
-    if count is None or float(count) != int(count) or not 1 <= int(count) <= MAX_CANDIDATES:
-        raise gr.Error(f"candidates is {count}: expected a whole number from 1 to {MAX_CANDIDATES}",
-                       print_exception=False)  # fmt: skip
-    return int(count)
-
-
-def _seed(seed) -> int:
-    """A whole number in [0, PAGE_MAX_SEED] (the page's numbers are floats, exact up to there)."""
-    if isinstance(seed, float) and seed.is_integer():
-        seed = int(seed)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= PAGE_MAX_SEED:
-        raise gr.Error(f"seed is {seed}: expected a whole number from 0 to {PAGE_MAX_SEED}", print_exception=False)
-    return seed
-
-
-def _candidate(candidate, count: int) -> int:
-    if str(candidate) not in CANDIDATE_CHOICES or int(candidate) > count:
-        raise gr.Error(f"candidate is {candidate}: expected 1 to {count} (the candidates drawn) or 'all'",
-                       print_exception=False)  # fmt: skip
-    return int(candidate) - 1
-
-
-def _read(name: str, path: str | None, mode: str) -> PIL.Image.Image | None:
-    if path is None:
-        return None
-    try:
-        return read_image(path, mode, name)
-    except ValueError as error:
-        raise gr.Error(f"the {name} upload cannot be read as an image: {error}", print_exception=False) from None
-
-
-def _editor_image_and_mask(editor: dict | None) -> tuple[str | None, PIL.Image.Image | None]:
-    """The editor's background image file, and the mask painted over it: white where any stroke is."""
-    if not editor or editor.get("background") is None:
-        return None, None
-    layers = [path for path in editor.get("layers") or [] if path]
-    background = _read("image", editor["background"], "RGB")
-    mask = np.zeros((background.height, background.width), dtype=bool)
-    for path in layers:
-        layer = _read("mask", path, "RGBA")
-        if layer.size != background.size:
-            raise gr.Error(f"the painted mask is {layer.size[0]}x{layer.size[1]}, the image {background.size[0]}x"
-                           f"{background.size[1]}: expected the same size", print_exception=False)  # fmt: skip
-        mask |= np.asarray(layer)[..., 3] > 0
-    return editor["background"], PIL.Image.fromarray(mask.astype(np.uint8) * 255, "L")
 
 
 def _settings_text(records) -> str:
