@@ -105,7 +105,7 @@ def build_app(jobs: CascadeJobs, queue_size: int = 8, concurrency: int = 1) -> g
         count, seed = fields.count(candidates), fields.seed(seed)
         chosen = list(range(count)) if candidate == "all" else [fields.candidate(candidate, count)]
         form = fields.form(stage_1_steps, stage_1_guidance, stage_2_steps, stage_2_guidance, stage_2_noise_level,
-                     stage_3_steps, stage_3_guidance, stage_3_noise_level)  # fmt: skip
+                           stage_3_steps, stage_3_guidance, stage_3_noise_level)  # fmt: skip
         records = make_records("text2img", prompt, negative_prompt, [seed + k for k in chosen], form)
         job = stream(_session(request), records, progress=progress)
         yield from _run_to_gallery(job, records, chosen, downloads)
@@ -126,7 +126,7 @@ def build_app(jobs: CascadeJobs, queue_size: int = 8, concurrency: int = 1) -> g
         source = fields.read("image", image, "RGB")
         seed = random_seed(1) if randomize_seed else fields.seed(seed)
         form = fields.form(stage_1_steps, stage_1_guidance, stage_2_steps, stage_2_guidance, stage_2_noise_level,
-                     stage_3_steps, stage_3_guidance, stage_3_noise_level, strength)  # fmt: skip
+                           stage_3_steps, stage_3_guidance, stage_3_noise_level, strength)  # fmt: skip
         records = make_records("img2img", prompt, negative_prompt, [seed], form, image=source)
         job = stream(_session(request), records, source, progress=progress)
         yield from _run_to_gallery(job, records, [0], downloads, seed, {"source": source})
@@ -143,7 +143,7 @@ def build_app(jobs: CascadeJobs, queue_size: int = 8, concurrency: int = 1) -> g
                            "expected the same size", print_exception=False)  # fmt: skip
         seed = random_seed(1) if randomize_seed else fields.seed(seed)
         form = fields.form(stage_1_steps, stage_1_guidance, stage_2_steps, stage_2_guidance, stage_2_noise_level,
-                     stage_3_steps, stage_3_guidance, stage_3_noise_level, strength)  # fmt: skip
+                           stage_3_steps, stage_3_guidance, stage_3_noise_level, strength)  # fmt: skip
         records = make_records("inpaint", prompt, negative_prompt, [seed], form, image=source, mask=mask)
         job = stream(_session(request), records, source, mask, progress=progress)
         yield from _run_to_gallery(job, records, [0], downloads, seed, {"source": source, "mask": mask})
