@@ -106,7 +106,8 @@ def test_trained_stage_1_draws_held_out_colours_shapes_and_places_better_than_ra
     """A small version of scripts/benchmark_demo_cascade.py: 24 held-out captions (shape/colour pairs never seen in
     training), fewer steps (stage II is checked alone below; model_cards/IF-demo-shapes.md has the full benchmark's
     figures). Random weights draw no readable colour."""
-    scores = benchmark_scores(demo, count=24, batch_size=24, stage_1_timesteps="smart27", stage_2_timesteps=[999, 500])
+    # stage II in one step: only its random-weight colour is read here (measured the same as with two: 0.0)
+    scores = benchmark_scores(demo, count=24, batch_size=24, stage_1_timesteps="smart27", stage_2_timesteps=[999])
     trained, random = scores["trained"]["stage_1"], scores["random weights"]["stage_1"]
     assert trained["colour"] >= 0.75, scores  # measured 1.0 (shape 0.79, position 0.46) at QUALITY_CALL's guidance 2
     assert trained["shape"] > 2 * random["shape"] and trained["position"] >= max(0.3, 5 * random["position"]), scores
