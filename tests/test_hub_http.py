@@ -266,6 +266,35 @@ def test_gated_missing_and_unknown_revision_give_one_clear_error(pipeline_compon
     assert type(loaded.unet) is IFUNet2DConditionModel
 
 
+def test_an_unreachable_hub_is_named_unless_the_cache_holds_the_repo(pipeline_components, local_hub, tmp_path):
+    """No answer from the Hub (a process whose HF_ENDPOINT is a port nothing listens on): a repo in the cache loads
+    from it; one that is not fails at once with one line saying so (diffusers would retry, then say the repo has no
+    model_index.json)."""
+    folder = tmp_path / "repo"
+    if_diffusers.IFPipeline(**pipeline_components("I")).save_pretrained(folder)
+    local_hub.add_repo("offline/tiny-if", folder)
+    cache = tmp_path / "cache"
+    if_diffusers.IFPipeline.from_pretrained("offline/tiny-if", cache_dir=cache)
+    script = f"""
+import pytest
+from if_diffusers import IFPipeline
+from if_diffusers.pipelines.hub_access import HubAccessError
+assert type(IFPipeline.from_pretrained("offline/tiny-if", cache_dir={str(cache)!r})).__name__ == "IFPipeline"
+with pytest.raises(HubAccessError) as error:
+    IFPipeline.from_pretrained("offline/other", cache_dir={str(cache)!r})
+print(error.value)
+"""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"}  # the discard port: nothing answers there
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        done.stdout.strip()
+        .splitlines()[-1]
+        .startswith("pretrained_model_name_or_path='offline/other': the Hub at http://127.0.0.1:9 cannot be reached (")
+        and "and the repo is not in the cache" in done.stdout
+    ), done.stdout
+
+
 # --- pushing ---------------------------------------------------------------------------------------------------
 
 

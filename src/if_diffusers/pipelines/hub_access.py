@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.errors import (
     DisabledRepoError,
     GatedRepoError,
@@ -31,12 +31,14 @@ def check_hub_access(
     revision: str | None = None,
     token: str | bool | None = None,
     local_files_only: bool = False,
+    cache_dir: str | os.PathLike | None = None,
 ) -> None:
     """Ask the Hub for `source`'s `model_index.json` (a HEAD request, as the download's first one) when it is a hub
     id (not an existing folder) and the hub may be used; raise `HubAccessError` when the repo is missing or private,
     gated (the Hub serves a gated repo's model info, not its files), disabled, lacks `revision`, or when the Hub
-    rejects the token (expired, revoked). Other failures (no
-    network, offline mode, no such file) pass: the loader then reads the cache or reports them as diffusers does."""
+    rejects the token (expired, revoked), or when the Hub cannot be reached and the cache does not hold the repo
+    (diffusers would fail after its retries, saying the repo lacks model_index.json). Other answers (offline mode, no
+    such file, a server error) pass: the loader then reads the cache or reports them as diffusers does."""
     if local_files_only or constants.HF_HUB_OFFLINE or Path(source).expanduser().is_dir():
         return
     repo = str(source)
@@ -67,13 +69,18 @@ def check_hub_access(
                 f"{argument}={repo!r}: the Hub rejected the token ({_status(error)}: {_server_message(error)}); "
                 f"{LOGIN} with a valid token"
             ) from None
-    except Exception:  # no network, offline, no such file, a server error: the loader's own handling follows
-        return
+    except Exception as error:  # no answer at all (no network, the Hub down): the cache may still hold the repo
+        if try_to_load_from_cache(repo, "model_index.json", cache_dir=cache_dir, revision=revision) is None:
+            raise HubAccessError(
+                f"{argument}={repo!r}: the Hub at {constants.ENDPOINT} cannot be reached ({type(error).__name__}) and "
+                f"the repo is not in the cache ({cache_dir or constants.HF_HUB_CACHE}): connect, or give a folder holding it"
+            ) from None
 
 
 def hub_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The `from_pretrained` keywords `check_hub_access` takes."""
-    return {key: kwargs[key] for key in ("revision", "token", "local_files_only") if kwargs.get(key) is not None}
+    keys = ("revision", "token", "local_files_only", "cache_dir")
+    return {key: kwargs[key] for key in keys if kwargs.get(key) is not None}
 
 
 def _status(error: Exception) -> str:
