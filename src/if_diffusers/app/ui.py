@@ -7,6 +7,7 @@ candidates and upscaling one, image to image, and inpainting (paint the mask in 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import tempfile
 import threading
@@ -329,8 +330,9 @@ def _session(request: gr.Request | None) -> str:
 
 
 def _settings_text(records) -> str:
-    return json.dumps([json.loads(r.to_json()) for r in records], indent=1) if len(records) > 1 else \
-        json.dumps(json.loads(records[0].to_json()), indent=1)  # fmt: skip
+    """The records as the settings box shows them: one JSON object, or a list of them."""
+    fields = [dataclasses.asdict(r) for r in records]
+    return json.dumps(fields if len(fields) > 1 else fields[0], indent=1, sort_keys=True)
 
 
 def _gpu(function: Callable) -> Callable:
