@@ -18,6 +18,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -85,6 +86,7 @@ def load_script(name: str) -> ModuleType:
     """`scripts/<name>.py` of the repository, imported as a module (the scripts are not part of the package)."""
     spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 

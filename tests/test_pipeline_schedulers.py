@@ -5,7 +5,8 @@
   (the demo's stage II), also from an image (img2img), and gets the learned variance only where it reads it
   (diffusers' IF pipelines crash with DDIM, UniPC, Euler, ..., and DPM-Solver crashes on a v model's 6 channels).
 * `timesteps=` presets expand exactly as the original `deepfloyd_if` expands them; bad values raise `ValueError`.
-* `_denoise` never reads a tensor back to the host: a full generation runs while every host read raises.
+* `_denoise` never reads a tensor back to the host: a full generation runs while every host read raises, with a
+  pure-tensor scheduler and with IF's DDPM (stepped by `SyncFreeDDPMStep`, bit-identical to diffusers' step).
 * Attention slicing on and off comes back to the SDPA processors, with the same images.
 """
 
@@ -31,7 +32,12 @@ from diffusers.models.attention_processor import (
 )
 
 import if_diffusers
-from if_diffusers.scheduling import takes_learned_variance
+from if_diffusers.scheduling import (
+    SyncFreeDDPMStep,
+    denoising_scheduler,
+    set_schedule_precision,
+    takes_learned_variance,
+)
 
 PROMPT = "a red circle on a blue background"
 STEPS = 4
@@ -122,7 +128,8 @@ def _run(pipe, name: str, steps: int = STEPS, **call) -> tuple[torch.Tensor, lis
 
 
 def _spy_step_channels(pipe) -> list[int]:
-    """Record the channel count of every `model_output` the scheduler's `step` receives."""
+    """Record the channel count of every `model_output` the scheduler's `step` receives (replaced on the instance,
+    DDPM's `step` is called as it is, not stood in for by `SyncFreeDDPMStep`)."""
     channels, step = [], pipe.scheduler.step
 
     def spy(model_output, *args, **kwargs):
@@ -516,6 +523,72 @@ def test_denoise_loop_never_reads_tensors_on_the_host(pipeline_components, monke
                       **call).images  # fmt: skip
     assert loops == [1]
     assert torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("name", ["IFPipeline", "IFSuperResolutionPipeline", "IFImg2ImgPipeline"])
+def test_ddpm_loop_never_reads_tensors_on_the_host(pipeline_components, monkeypatch, name):
+    """IF's own scheduler (DDPM, learned variance, dynamic thresholding): its steps go through `SyncFreeDDPMStep`,
+    with no host read from the first step to the last (diffusers' `DDPMScheduler.step` makes 11 per step)."""
+    stage = "II" if "SuperResolution" in name else "I"
+    pipe = getattr(if_diffusers, name)(**pipeline_components(stage))
+    assert type(pipe.scheduler) is DDPMScheduler
+    pipe.set_progress_bar_config(disable=True)
+    loops = _guard_denoise(pipe, monkeypatch)
+    images = pipe(prompt=PROMPT, num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(0),
+                  **_inputs(name)).images  # fmt: skip
+    assert loops == [1] and torch.isfinite(images).all()
+
+
+DDPM_CONFIGS = {
+    "stage_I": denoising_scheduler("I").config,
+    "stage_II_v_prediction": denoising_scheduler("II", "v_prediction").config,
+    "default_fixed_small_clipped": DDPMScheduler(beta_schedule="squaredcos_cap_v2").config,
+    "sample_prediction": DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample").config,
+}
+
+
+@pytest.mark.parametrize("config", DDPM_CONFIGS)
+@pytest.mark.parametrize("float64", [True, False], ids=["float64_schedule", "float32_schedule"])
+@pytest.mark.parametrize("timesteps, start", [(None, 0), ([999, 800, 420, 90, 3, 0], 0), ([990, 500, 7], 0),
+                                              (None, 3)],
+                         ids=["5_steps", "custom", "custom_not_to_0", "from_step_3"])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_sync_free_ddpm_step_equals_diffusers_step_bit_for_bit(config, float64, timesteps, start, dtype):
+    scheduler = DDPMScheduler.from_config(DDPM_CONFIGS[config])
+    set_schedule_precision(scheduler, float64)
+    if timesteps is None:
+        scheduler.set_timesteps(5)
+    else:
+        scheduler.set_timesteps(timesteps=timesteps)
+    sync_free = SyncFreeDDPMStep(scheduler, start)
+    channels = 6 if scheduler.config.variance_type == "learned_range" else 3
+    sample = (torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.5).to(dtype)
+    ours, theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for index, t in enumerate(scheduler.timesteps[start:]):
+        output = torch.randn(2, channels, 8, 8, generator=torch.Generator().manual_seed(10 + index)).to(dtype)
+        expected = scheduler.step(output, t, sample, generator=theirs).prev_sample
+        stepped = sync_free.step(index, output, sample, ours)
+        # exact, NaN where diffusers' is NaN (float16 overflows at t=999 with the learned variance)
+        torch.testing.assert_close(stepped, expected, rtol=0, atol=0, equal_nan=True, msg=f"step {index}, t={int(t)}")
+        sample = expected
+    assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+def test_sync_free_ddpm_step_is_for_what_it_knows_and_refuses_what_diffusers_refuses():
+    scheduler = denoising_scheduler("I")
+    assert SyncFreeDDPMStep.applies_to(scheduler)
+    assert not SyncFreeDDPMStep.applies_to(DDPMScheduler(variance_type="fixed_large"))
+    assert not SyncFreeDDPMStep.applies_to(diffusers.DDIMScheduler())
+    scheduler.set_timesteps(3)
+    step = SyncFreeDDPMStep(scheduler, 0)
+    with pytest.raises(ValueError, match="model_output has 3 channels; a learned_range DDPM step needs"):
+        step.step(0, torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4))
+    scheduler.step = scheduler.step  # replaced on the instance (a spy, a patch): that `step` runs, as it is
+    assert not SyncFreeDDPMStep.applies_to(scheduler)
+    odd = DDPMScheduler(prediction_type="x0")
+    odd.set_timesteps(2)
+    with pytest.raises(ValueError, match="prediction_type='x0': expected 'epsilon', 'v_prediction' or 'sample'"):
+        SyncFreeDDPMStep(odd, 0).step(0, torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4))
 
 
 def test_host_read_guard_catches_a_branch_on_a_tensor(pipeline_components, monkeypatch):

@@ -14,8 +14,8 @@ import torch
 from deepfloyd_if.model import gaussian_diffusion
 from deepfloyd_if.model.respace import create_gaussian_diffusion
 from diffusers import DDIMScheduler
-from diffusers.schedulers import scheduling_ddpm
 
+import if_diffusers.scheduling
 from if_diffusers import IFPipeline, IFSuperResolutionPipeline, IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
 from if_diffusers.timesteps import RESPACING_PRESETS, resolve_timesteps
 
@@ -193,7 +193,8 @@ def test_ddpm_matches_original_p_sample_loop(stage, converted, pipeline_componen
     steps = [torch.randn(len(PROMPTS), 3, size, size, generator=generator) for _ in diffusion.timestep_map[1:]]
     ours_noise, original_noise = _NoiseQueue(steps), _NoiseQueue([*steps, torch.zeros_like(steps[0])])
     with monkeypatch.context() as patch:
-        patch.setattr(scheduling_ddpm, "randn_tensor", lambda shape, **kwargs: ours_noise.draw(shape))
+        # our loop steps DDPM with `SyncFreeDDPMStep`, which draws where diffusers' step does
+        patch.setattr(if_diffusers.scheduling, "randn_tensor", lambda shape, **kwargs: ours_noise.draw(shape))
         ours = _run_ours(pipe, stage, embeddings, timesteps=DDPM_RESPACING)
     with monkeypatch.context() as patch:
         patch.setattr(gaussian_diffusion.torch, "randn_like", lambda x: original_noise.draw(x.shape))

@@ -242,16 +242,18 @@ def quality_scores(pipeline, count: int = 64, seed: int = DEMO_SEED, batch_size:
     stage III from `count` held-out captions: `{"stage_1": ..., "stage_2": ...}` (stage II read at its x4 size,
     which the analyser brings to its working size). The captions are records `0..count-1` of the held-out stream
     `seed` (`shapes.sample_record(i, seed, held_out=True)`), and each batch's generator is seeded `seed` + its first
-    record. `call` goes to the pipeline (steps, guidance...)."""
+    record. `call` goes to the pipeline (steps, guidance...); with `last_stage=1` only stage I runs and is scored."""
     records = [shapes.sample_record(i, seed, held_out=True) for i in range(count)]
+    stage_1_only = call.get("last_stage") == 1
     stage_1, stage_2 = [], []
     for start in range(0, count, batch_size):
         batch = records[start : start + batch_size]
         output = pipeline([r.caption for r in batch], generator=torch.Generator().manual_seed(seed + start),
-                          return_intermediates=True, **call)  # fmt: skip
-        stage_1 += output.stage_1_images
-        stage_2 += output.images
-    return {"stage_1": analysis.score(stage_1, records), "stage_2": analysis.score(stage_2, records)}
+                          return_intermediates=not stage_1_only, **call)  # fmt: skip
+        stage_1 += output.images if stage_1_only else output.stage_1_images
+        stage_2 += [] if stage_1_only else output.images
+    scores = {"stage_1": analysis.score(stage_1, records)}
+    return scores if stage_1_only else {**scores, "stage_2": analysis.score(stage_2, records)}
 
 
 def super_resolution_scores(cascade, count: int = 16, seed: int = DEMO_SEED, **call: Any) -> dict[str, float]:

@@ -58,6 +58,9 @@ class IFTextConditioningMixin:
     """
 
     _preset_stage: ClassVar[str]
+    # diffusers' `compile_repeated_blocks` convention (regional compilation). An IF UNet's blocks differ in width and
+    # resampling from level to level: each distinct one compiles once (32 in the bundled model's two UNets).
+    _repeated_blocks: ClassVar[list[str]] = ["ResnetBlock2D", "Attention"]
     _text_cache_depth: int = 0
     _text_cache_entries: dict[str, _CachedText] | None = None
 

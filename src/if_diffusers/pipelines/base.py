@@ -29,8 +29,9 @@ from ..image_processing import (
     to_mask_tensor,
 )
 from ..models.attention import restore_sdpa_processors
-from ..scheduling import set_schedule_precision, takes_learned_variance
+from ..scheduling import SyncFreeDDPMStep, set_schedule_precision, takes_learned_variance
 from .checks import check_batch, check_low_res_consistency
+from .compilation import CompileMixin
 from .conditioning import Conditioning, LowResConsistency, PromptConditioningMixin
 from .hub_layout import HubLayoutMixin
 from .output import (
@@ -47,14 +48,20 @@ IMAGE_CHANNELS = 3
 LMS_ORDER = 4  # LMSDiscreteScheduler.step's default order
 
 
-class IFPipelineBase(HubLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin, PromptConditioningMixin):
+class IFPipelineBase(
+    CompileMixin, HubLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin, PromptConditioningMixin
+):
     """Base of the six IF pipelines: `DiffusionPipeline` (with LoRA loading, as diffusers' IF pipelines), prompt
-    encoding (`PromptConditioningMixin`) and the shared IF steps. Public classes declare components and arguments and call these steps in order."""
+    encoding (`PromptConditioningMixin`), `enable_compile()` (`CompileMixin`) and the shared IF steps. Public
+    classes declare components and arguments and call these steps in order."""
 
     _optional_components = ["tokenizer", "text_encoder", "safety_checker", "feature_extractor", "watermarker"]
     model_cpu_offload_seq = "text_encoder->unet"
     _exclude_from_cpu_offload = ["watermarker"]
     _callback_tensor_inputs = ["intermediate_images", "prompt_embeds"]
+    # set per call by `_prepare_timesteps`: per-call state, as the scheduler's own timesteps (one call at a time per
+    # pipeline, as with diffusers' pipelines)
+    _sync_free_step: SyncFreeDDPMStep | None = None
 
     def _register_components(self, requires_safety_checker: bool, **components: Any) -> None:
         register_with_safety_components(self, requires_safety_checker, **components)
@@ -103,6 +110,9 @@ class IFPipelineBase(HubLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoade
             ) * self.scheduler.order
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(start)
+        self._sync_free_step = (
+            SyncFreeDDPMStep(self.scheduler, start) if SyncFreeDDPMStep.applies_to(self.scheduler) else None
+        )
         return self.scheduler.timesteps[start:]
 
     def _initial_noise(self, shape: tuple[int, ...], dtype, device, generator) -> torch.Tensor:
@@ -188,7 +198,9 @@ class IFPipelineBase(HubLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoade
         if not redraw:
             noise = randn_tensor(upscaled.shape, generator=generator, device=upscaled.device, dtype=upscaled.dtype)
             upscaled = self.image_noising_scheduler.add_noise(upscaled, noise, timesteps=level)
-        conditioning.upscaled, conditioning.noise_level = upscaled, torch.cat([level] * conditioning.copies)
+        # one copy per guidance half, made once per call rather than at every step
+        conditioning.upscaled = torch.cat([upscaled] * conditioning.copies)
+        conditioning.noise_level = torch.cat([level] * conditioning.copies)
         conditioning.redraw_augmentation, conditioning.generator = redraw, generator
         if consistency is not None:
             reference = F.interpolate(low_res, size, mode="bicubic", align_corners=False).clamp(-1, 1)
@@ -236,8 +248,9 @@ class IFPipelineBase(HubLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoade
     ) -> torch.Tensor:
         """Run the scheduler over `timesteps` from `images` `(B, 3, H, W)`; one loop for every stage and mode.
 
-        No host synchronisation per step: no `.item()`, no Python branch on tensor values (a scheduler's own `step`
-        may still sync: measured on CUDA per step, DDPM 11, DDIM and UniPC 5, DPM-Solver, Euler and Heun none).
+        No host synchronisation per step: no `.item()`, no Python branch on tensor values. DDPM, IF's scheduler,
+        steps through `SyncFreeDDPMStep` (diffusers' step syncs 11 times per step on CUDA); other schedulers' own
+        `step` may still sync (measured on CUDA per step: DDIM and UniPC 5; DPM-Solver, Euler and Heun none).
         """
         self._num_timesteps = len(timesteps)
         uses_variance = takes_learned_variance(self.scheduler)  # else keep the noise channels only
@@ -277,7 +290,10 @@ class IFPipelineBase(HubLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoade
                 previous = images
                 if caps_lms_order:  # the count of derivatives is host-side: no sync
                     step_kwargs["order"] = min(len(self.scheduler.derivatives) + 1, LMS_ORDER)
-                images = self.scheduler.step(noise_pred, t, images, **step_kwargs, return_dict=False)[0]
+                if self._sync_free_step is not None:  # DDPM (IF's scheduler), the same samples without host reads
+                    images = self._sync_free_step.step(i, noise_pred, images, step_kwargs.get("generator"))
+                else:
+                    images = self.scheduler.step(noise_pred, t, images, **step_kwargs, return_dict=False)[0]
                 if conditioning.low_res_reference is not None:
                     images = self._held_to_low_res(
                         images, conditioning, timesteps[i + 1 : i + 2], consistency_factors[i]
@@ -299,7 +315,7 @@ class IFPipelineBase(HubLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoade
     def _augmented_low_res(self, conditioning: Conditioning) -> torch.Tensor:
         """The low-res input of this step `(k*B, 3, H, W)`: augmented once, or redrawn per step and per batch copy as
         the original does (its `q_sample` runs inside every UNet call)."""
-        low_res = torch.cat([conditioning.upscaled] * conditioning.copies)
+        low_res = conditioning.upscaled
         if not conditioning.redraw_augmentation:
             return low_res
         generator, copies = conditioning.generator, conditioning.copies

@@ -51,6 +51,7 @@ from .checks import (
     check_strength,
     check_timesteps,
 )
+from .compilation import CompileMixin
 from .conditioning import DEFAULT_MAX_SEQUENCE_LENGTH
 from .hub_layout import HubLayoutMixin
 from .output import (
@@ -100,7 +101,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class IFCascadePipeline(HubLayoutMixin, DiffusionPipeline):
+class IFCascadePipeline(CompileMixin, HubLayoutMixin, DiffusionPipeline):
     """DeepFloyd IF from a prompt to the final image in one call: stage I, stage II and, when its components are
     there, stage III (the Stable Diffusion x4 upscaler). Text-to-image by default; `image` makes it img2img (the
     original's style transfer), `image` and `mask_image` inpainting.

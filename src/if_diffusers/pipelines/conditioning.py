@@ -21,7 +21,7 @@ class Conditioning:
     """Everything the UNet sees besides the noisy images, batched for guidance as `[uncond, cond(, positive)]`.
 
     `prompt_embeds` `(k * B, L, D)`; `pooled_text_embeds` the same shape when the pooled text differs (style
-    transfer); super-resolution adds `upscaled` `(B, 3, H, W)` (clean, or augmented once), `noise_level` `(B,)`
+    transfer); super-resolution adds `upscaled` `(k * B, 3, H, W)` (clean, or augmented once), `noise_level` `(k * B,)`
     and `redraw_augmentation` to redraw the augmentation noise (from `generator`) at every step as the original does;
     with `low_res_consistency`, `low_res_reference` `(B, 3, H, W)` is the clean low-res image upsampled
     bicubically, whose coarse content every step keeps (`guidance.low_res_consistency`).
