@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ORIGINAL_BASE, STAGE_II_CONFIGS, original_unet
+from conftest import ORIGINAL_BASE, STAGE_II_CONFIGS, load_script, original_unet
 from diffusers import DDPMScheduler, DiffusionPipeline
 from safetensors.torch import load_file
 
@@ -363,12 +363,9 @@ def test_atomic_folder_gets_the_permissions_of_a_plain_mkdir(tmp_path):
 
 
 def test_tiny_original_checkpoint_script_then_verified_conversion(tmp_path):
-    made = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "make_tiny_original_checkpoint.py"), "--output", str(tmp_path / "src"),
-         "--stage", "II", "--model-channels", "32"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert made.returncode == 0, made.stderr
+    # the checkpoint script in this process (its imports are this session's); the conversion as a user runs it
+    make = load_script("make_tiny_original_checkpoint").main
+    assert make(["--output", str(tmp_path / "src"), "--stage", "II", "--model-channels", "32"]) == 0
     result = _script("--checkpoint", tmp_path / "src", "--output", tmp_path / "out", "--verify")
     assert result.returncode == 0, result.stderr
     error = float(result.stdout.split("max relative error against deepfloyd_if: ")[1].split()[0])
