@@ -295,9 +295,9 @@ DEMO_PROMPTS = [shapes.sample_record(i, 0).caption for i in range(12)]
 
 def _torchrun(processes: int, prompts: Path, out: Path, *arguments: str) -> subprocess.Popen:
     """`python -m torch.distributed.run --nproc_per_node N -m if_diffusers batch ...` on the bundled model (CPU, gloo:
-    accelerate's PartialState(cpu=True) joins the processes)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "if_diffusers",
-               "batch", str(prompts), "-o", str(out), "--device", "cpu", *arguments]  # fmt: skip
+    accelerate's PartialState(cpu=True) joins the processes; `--standalone`: a free port, beside other tests')."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m",
+               "if_diffusers", "batch", str(prompts), "-o", str(out), "--device", "cpu", *arguments]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -28,7 +28,7 @@ from if_diffusers.training.losses import (
     sample_timesteps,
     super_resolution_inputs,
 )
-from if_diffusers.training.trainer import step_generator
+from if_diffusers.training.trainer import sample_generators
 
 CAPTIONS = ["a red circle", "a green square", "a yellow triangle"]
 RESOLUTION = {"I": 16, "II": 32}
@@ -317,7 +317,8 @@ def test_lora_round_trip(tiny_text, tmp_path):
 
 def test_text_dropout_feeds_empty_embeddings_at_the_rate(tiny_text, tmp_path):
     """With `text_dropout=0.25` the UNet receives T5("") for the rows the seeded draws pick (the first draw of each
-    micro-step's generator) and the caption's own embedding for the others; about a quarter of 48 rows."""
+    sample's generator, from its position in the data stream) and the caption's own embedding for the others; about
+    a quarter of 48 rows."""
     tokenizer, text_encoder = tiny_text
     unet = tiny_unet("I")
     seen = []
@@ -329,7 +330,8 @@ def test_text_dropout_feeds_empty_embeddings_at_the_rate(tiny_text, tmp_path):
     table = embed_captions(["", *CAPTIONS], tokenizer, text_encoder)
     dropped = 0
     for micro_step, rows in enumerate(seen):
-        expected = (torch.rand(4, generator=step_generator(config.seed, micro_step, 0, "cpu")) < 0.25).tolist()
+        positions = range(4 * micro_step, 4 * micro_step + 4)
+        expected = [torch.rand(1, generator=g).item() < 0.25 for g in sample_generators(config.seed, positions, "cpu")]
         for row, drop in zip(rows, expected):
             is_empty = torch.equal(row, table[""])
             assert is_empty == drop and (drop or any(torch.equal(row, table[c]) for c in CAPTIONS))

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .. import generation_options as options
+from ..processes import process_state, quiet_loading
 from . import image_folder
 from .jobs import ImageJob, RunDefaults, batches, call_arguments, check_calls, plan_jobs
 from .prompt_file import read_prompt_file
@@ -83,7 +84,7 @@ def _prepare(state, args: argparse.Namespace, folder: Path):
                          f"({state.device.type}:LOCAL_RANK); pass --device {device.type}")  # fmt: skip
     if device.index is None and device.type == state.device.type:
         device = state.device  # cuda:LOCAL_RANK
-    _quiet_loading(state)
+    quiet_loading(state)
     prompts = [line.prompt for line in lines] if state.is_main_process else []  # warn once about unknown words
     pipeline = options.load_cascade(args, dtype, device, prompts)
     pipeline.set_progress_bar_config(disable=True)  # one bar counts the images
@@ -114,24 +115,12 @@ def _completed(state, folder: Path, jobs: list[ImageJob]) -> list[int]:
 
 
 def _process_state(device: str | None):
-    """accelerate's view of the processes; on the CPU it joins torchrun's process group only when told so."""
-    from accelerate import PartialState
-
+    """accelerate's view of the processes: joined over gloo when this job runs on the CPU."""
     try:
         kind = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
     except (RuntimeError, ValueError):
         kind = "cpu"  # resolve_device reports the bad name
-    return PartialState(cpu=kind == "cpu")
-
-
-def _quiet_loading(state) -> None:
-    """The loading progress bars on the main process only."""
-    if not state.is_main_process:
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
+    return process_state(cpu=kind == "cpu")
 
 
 def _agree(state, step, bar: tqdm | None = None, shared: bool = False) -> tuple[bool, object]:

@@ -7,7 +7,8 @@ cascade (the bundled demo by default) or of a stage pipeline folder, on a folder
         --output-dir runs/mine --max-train-steps 2000 --mixed-precision bf16 --validation-prompt "a red circle"
     if-diffusers batch prompts.txt -o shapes && if-diffusers train --stage II --train-data shapes --resolution 128 \\
         --output-dir runs/ii --lora-rank 4 && if-diffusers generate "a red circle" --model runs/ii/pipeline
-    accelerate launch scripts/train.py --model ... (several GPUs, same options)
+    accelerate launch -m if_diffusers train ...                     # several GPUs, same options
+    torchrun --nproc_per_node 2 -m if_diffusers train ...           # several processes, CPUs too (gloo)
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
 
+from ..processes import quiet_loading
 from .data import CAPTION_COLUMNS, CaptionedImageFolder, load_columns_dataset
-from .trainer import LR_SCHEDULERS, MIXED_PRECISION, STAGES, TrainingConfig, train
+from .trainer import LR_SCHEDULERS, MIXED_PRECISION, STAGES, TrainingConfig, join_processes, train
 
 DESCRIPTION = "Fine-tune (or LoRA-tune) a stage I or II IF pipeline on captioned images."
 _DEFAULTS = {f.name: f.default for f in fields(TrainingConfig) if f.default is not MISSING}
@@ -97,15 +99,17 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser | None =
             **{name: getattr(args, name) for name in _NUMBERS},
         )  # fmt: skip
         dataset = _dataset(args)
+        quiet_loading(join_processes())
         model = load_training_model(args.model, args.stage)
         folder = train(config, model.unet, model.tokenizer, model.text_encoder, dataset, model.scheduler,
                        output_pipeline=model.cascade)  # fmt: skip
     except (ValueError, TypeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"wrote {folder}")
-    if model.cascade is not None and folder.name != "pipeline":
-        print(f"wrote {folder.parent / 'pipeline'}")
+    if join_processes().is_main_process:  # the one that wrote them (`accelerate launch`, `torchrun`)
+        print(f"wrote {folder}")
+        if model.cascade is not None and folder.name != "pipeline":
+            print(f"wrote {folder.parent / 'pipeline'}")
     return 0
 
 

@@ -298,12 +298,14 @@ class IndexedItems(torch.utils.data.Dataset):
 
 
 class ResumableBatches(torch.utils.data.Sampler):
-    """Index batches of micro-steps `start, start + 1, ...` (forever), a pure function of `(seed, micro-step)`.
+    """Index batches of successive micro-steps (forever) from the data stream's position `start`, a pure function of
+    `(seed, position)`.
 
     The items form one stream: epoch `e` is `torch.randperm(length)` seeded with `(seed, e)`, epochs back to back.
-    Micro-step `m` takes the stream's positions `[m * B * P, (m + 1) * B * P)` for all `P` processes, and process `p`
-    its slice `[p * B, (p + 1) * B)`: every item is seen once per epoch across processes, and resuming at a micro-step
-    continues the exact order of an uninterrupted run (the data position is the step count alone).
+    Each micro-step takes the next `B * P` positions for all `P` processes, and process `p` its slice
+    `[p * B, (p + 1) * B)` of them: every item is seen once per epoch across processes, and a run resumed at a
+    position continues the exact order of an uninterrupted one, on any number of processes (the position is what all
+    processes have taken).
     """
 
     def __init__(self, length: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, processes: int = 1):
@@ -320,11 +322,10 @@ class ResumableBatches(torch.utils.data.Sampler):
         return self._epochs[epoch][position % self.length]
 
     def __iter__(self) -> Iterator[list[int]]:
-        micro_step = self.start
+        first = self.start + self.rank * self.batch_size
         while True:
-            first = (micro_step * self.processes + self.rank) * self.batch_size
             yield [self._item(position) for position in range(first, first + self.batch_size)]
-            micro_step += 1
+            first += self.batch_size * self.processes
 
 
 def _permutation(length: int, seed: int, epoch: int) -> list[int]:

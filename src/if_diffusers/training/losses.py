@@ -117,14 +117,37 @@ def diffusion_schedule(scheduler: DDPMScheduler) -> DiffusionSchedule:
     )
 
 
+Generators = torch.Generator | list[torch.Generator]  # one for the batch, or one per sample (diffusers' convention)
+
+
+def check_generators(generator: Generators, batch: int) -> None:
+    """TypeError unless `generator` is a `torch.Generator` or a list of `batch` of them (one per sample)."""
+    if isinstance(generator, list):
+        if len(generator) != batch or not all(isinstance(g, torch.Generator) for g in generator):
+            raise TypeError(
+                f"generator is a list of {len(generator)}; expected {batch} torch.Generators, one per sample"
+            )
+    elif not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator is {generator!r}; expected a torch.Generator or a list of one per sample")
+
+
+def uniform(batch: int, generator: Generators, device: torch.device | str) -> torch.Tensor:
+    """`(batch,)` float32 uniform on `[0, 1)` on `device`, drawn from `generator` (or sample i from generator i)."""
+    check_generators(generator, batch)
+    if isinstance(generator, list):
+        return torch.cat([torch.rand(1, generator=g, device=g.device).to(device) for g in generator])
+    return torch.rand(batch, generator=generator, device=generator.device).to(device)
+
+
 def sample_timesteps(
     batch: int,
-    generator: torch.Generator,
+    generator: Generators,
     num_train_timesteps: int = 1000,
     bias_portion: float = 0.0,
     bias_multiplier: float = 1.0,
 ) -> torch.Tensor:
-    """`(batch,)` int64 steps on `[0, num_train_timesteps)`, on the generator's device.
+    """`(batch,)` int64 steps on `[0, num_train_timesteps)`, on the generator's device; with a list of generators
+    (one per sample), step i is generator i's draw.
 
     By default uniform: the original's `UniformSampler` (whose importance weights are all 1, so none are returned).
     With `bias_portion` > 0 and `bias_multiplier` != 1, the noisiest `bias_portion` of the steps are drawn
@@ -135,12 +158,14 @@ def sample_timesteps(
         raise ValueError(f"batch={batch!r}: expected a positive int")
     if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps={num_train_timesteps!r}: expected a positive int")
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator is a {type(generator).__name__}; expected a torch.Generator")
+    check_generators(generator, batch)
     if isinstance(bias_portion, bool) or not isinstance(bias_portion, (int, float)) or not 0 <= bias_portion <= 1:
         raise ValueError(f"bias_portion={bias_portion!r}: expected a number in [0, 1]")
     if isinstance(bias_multiplier, bool) or not isinstance(bias_multiplier, (int, float)) or not bias_multiplier > 0:
         raise ValueError(f"bias_multiplier={bias_multiplier!r}: expected a positive number")
+    if isinstance(generator, list):
+        draws = [sample_timesteps(1, g, num_train_timesteps, bias_portion, bias_multiplier) for g in generator]
+        return torch.cat([draw.to(generator[0].device) for draw in draws])
     biased = round(bias_portion * num_train_timesteps)
     if biased == 0 or bias_multiplier == 1:
         return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=generator.device)
@@ -360,7 +385,7 @@ def downsample(target: torch.Tensor, scale: int = 4) -> torch.Tensor:
 def super_resolution_inputs(
     target: torch.Tensor,
     alphas_cumprod: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generators | None = None,
     *,
     scale: int = 4,
     noise_level: torch.Tensor | None = None,
@@ -377,7 +402,7 @@ def super_resolution_inputs(
         target: `(B, 3, H, W)` high-res images in `[-1, 1]`.
         alphas_cumprod: `(N,)` augmentation schedule (`noising_scheduler().alphas_cumprod`, or the UNet's
             `noise_augmentation_alphas_cumprod`).
-        generator: draws `noise_level` then `noise`, whichever is not given.
+        generator: draws `noise_level` then `noise`, whichever is not given; or a list of one per sample.
         noise_level: `(B,)` integer levels in `[0, N)`; noise: `(B, 3, H, W)` standard normal.
         max_noise_level: draw `noise_level` on `[0, max_noise_level)` (at most N) instead of `[0, N)`, as the Stable
             Diffusion x4 upscaler trains; None: the original's whole range (the same draws as before the option).
@@ -394,9 +419,9 @@ def super_resolution_inputs(
         isinstance(max_blur, bool) or not isinstance(max_blur, (int, float)) or not 0 < max_blur <= MAX_BLUR
     ):
         raise ValueError(f"max_blur={max_blur!r}: expected a number in (0, {MAX_BLUR}] (low-res pixels) or None")
-    if (noise_level is None or noise is None or max_blur is not None) and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator is {generator!r}; expected a torch.Generator to draw noise_level, noise and blur")
     batch = target.shape[0]
+    if noise_level is None or noise is None or max_blur is not None:
+        check_generators(generator, batch)  # it draws the missing noise_level, noise or blur
     levels = alphas_cumprod.shape[0]
     if max_noise_level is not None:
         if type(max_noise_level) is not int or not 1 <= max_noise_level <= levels:
@@ -412,8 +437,7 @@ def super_resolution_inputs(
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected target's {tuple(target.shape)}")
     low_res = downsample(target, scale)
     if max_blur is not None:
-        sigma = torch.rand(batch, generator=generator, device=generator.device) * max_blur
-        low_res = gaussian_blur(low_res, sigma.to(target.device))
+        low_res = gaussian_blur(low_res, uniform(batch, generator, target.device) * max_blur)
     upsampled = F.interpolate(low_res, target.shape[-2:], mode="bilinear", align_corners=True)
     return noise_augment(upsampled, noise, noise_level, alphas_cumprod), noise_level
 

@@ -10,10 +10,15 @@ upsampled and noise-augmented at a random level per sample: `super_resolution_in
 loss, which keeps training the learned variance (`hybrid_loss`). T5 is frozen: each distinct caption is encoded once
 before training (`embed_captions`, cached on disk with `embedding_cache_dir`).
 
-Everything runs through `accelerate.Accelerator` (mixed precision, gradient accumulation; `accelerate launch` for
-several GPUs, no code change). Randomness is a pure function of `(seed, micro-step, process)` and the data order of
-`(seed, epoch)` (`ResumableBatches`), so a checkpoint (`accelerator.save_state`: model, optimizer, LR schedule, EMA,
-step count, RNG) resumes to exactly the weights of an uninterrupted run.
+Everything runs through `accelerate.Accelerator` (mixed precision, gradient accumulation). Under `accelerate launch`
+or `torchrun` with N processes (GPUs, or CPU processes over gloo) the processes form one run: each takes its slice of
+every batch (`ResumableBatches`), DDP averages the gradients, and only the main process writes checkpoints' model
+files, validation images, the embedding cache and the result, and shows the progress bar (the others wait). The data
+is one stream, ordered by `(seed, epoch)`, and every sample's random draws (text dropout, timestep, noise,
+augmentation) come from a generator of `(seed, its position in the stream)` (`sample_generators`): the same run on 1
+process with batch 8 or on 2 with batch 4 sees the same samples with the same noise, and a checkpoint
+(`accelerator.save_state`: model, optimizer, LR schedule, EMA, step count and stream position) resumes, on any number
+of processes, where the run stopped.
 
 Output folder layout: `checkpoints/checkpoint-N/` (every `checkpointing_steps`), `validation/step-N.png`, and at the
 end `pipeline/` (a complete `save_pretrained` folder, written atomically; EMA weights when EMA is on) or, with
@@ -33,15 +38,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.logging import get_logger
 from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from ..atomic_folder import atomic_folder, check_writable_folder
 from ..image_processing import image_grid, size_multiple
+from ..processes import process_state
 from ..scheduling import denoising_scheduler, noising_scheduler
 from .data import (
     CaptionedDataset,
@@ -56,6 +63,7 @@ from .data import (
 from .losses import (
     MAX_BLUR,
     DiffusionSchedule,
+    Generators,
     diffusion_schedule,
     downsample,
     hybrid_loss,
@@ -63,9 +71,11 @@ from .losses import (
     q_sample,
     sample_timesteps,
     super_resolution_inputs,
+    uniform,
 )
 
-logger = logging.get_logger(__name__)
+# accelerate's: records from the main process only (it needs the process state: `train` makes it first)
+logger = get_logger(__name__)
 
 STAGES = ("I", "II")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -222,25 +232,27 @@ def _check_number(name: str, value, low: float, high: float = math.inf, low_open
 # --- one step's loss -------------------------------------------------------------------------------------------
 
 
-def step_generator(seed: int, micro_step: int, process_index: int, device: torch.device | str) -> torch.Generator:
-    """The generator of one micro-step on one process: a pure function of its arguments, so a resumed run draws what
-    an uninterrupted one would."""
-    state = int(np.random.SeedSequence([seed, micro_step, process_index]).generate_state(1)[0])
-    return torch.Generator(device).manual_seed(state)
+def sample_generators(seed: int, positions: range | list[int], device: torch.device | str) -> list[torch.Generator]:
+    """One generator per sample, a pure function of `seed` and the sample's position in the data stream: a sample's
+    draws do not depend on the batch, the process or the number of processes it is trained on. (On a GPU that is a
+    few small kernels per sample and step, against a UNet's forward and backward.)"""
+    return [torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, position]).generate_state(1)[0]))
+            for position in positions]  # fmt: skip
 
 
-def drop_text(embeddings: torch.Tensor, empty: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
+def drop_text(embeddings: torch.Tensor, empty: torch.Tensor, rate: float, generator: Generators) -> torch.Tensor:
     """`(B, L, D)` caption embeddings with each row replaced by `empty` `(L, D)` (T5 of "") with probability `rate`,
-    drawn from `generator` (one uniform per row, always drawn so that later draws do not depend on `rate`)."""
-    drop = torch.rand(embeddings.shape[0], generator=generator, device=generator.device) < rate
-    return torch.where(drop.to(embeddings.device)[:, None, None], empty.to(embeddings), embeddings)
+    drawn from `generator` (or row i from generator i; one uniform per row, always drawn so that later draws do not
+    depend on `rate`)."""
+    drop = uniform(embeddings.shape[0], generator, embeddings.device) < rate
+    return torch.where(drop[:, None, None], empty.to(embeddings), embeddings)
 
 
 def diffusion_loss(
     unet: torch.nn.Module,
     images: torch.Tensor,
     text_embeddings: torch.Tensor,
-    generator: torch.Generator,
+    generator: Generators,
     schedule: DiffusionSchedule,
     augmentation_alphas_cumprod: torch.Tensor | None = None,
     snr_gamma: float | None = None,
@@ -251,7 +263,8 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """`(B,)` hybrid loss of `unet` on `images` `(B, 3, H, W)` in `[-1, 1]` with T5 `text_embeddings` `(B, L, D)`,
     drawing timesteps, noise and (super-resolution, when `augmentation_alphas_cumprod` is given) the low-res
-    augmentation level and noise from `generator`, in that order. The loss is computed in float32. With
+    augmentation level and noise from `generator`, in that order (a list of generators: sample i's from generator i,
+    so that a sample's draws do not depend on the batch it is in). The loss is computed in float32. With
     `snr_gamma`, the epsilon (or v) term is weighted by `min_snr_weights` (the variance term is left as it is). With
     `noise_offset` > 0, the noise gets a constant per sample and channel, `noise_offset * N(0, 1)` (drawn after the
     noise; see `TrainingConfig.noise_offset`). `timestep_bias` is `(bias_portion, bias_multiplier)` of
@@ -277,15 +290,17 @@ def diffusion_loss(
 
 @dataclass
 class TrainingProgress:
-    """The step count, saved in every checkpoint: it is also the data position (see `ResumableBatches`)."""
+    """Saved in every checkpoint: the optimizer steps done and the data stream's position (the samples all processes
+    have taken; `None` from a checkpoint written before it was saved: the run derives it from the step count)."""
 
     step: int = 0
+    samples: int | None = 0
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
+    def state_dict(self) -> dict[str, int | None]:
+        return {"step": self.step, "samples": self.samples}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = state["step"]
+    def load_state_dict(self, state: dict[str, int | None]) -> None:
+        self.step, self.samples = state["step"], state.get("samples")
 
 
 # --- checks before anything runs -------------------------------------------------------------------------------
@@ -367,6 +382,7 @@ def train(
     `lora_rank` it is saved too, beside `output_dir/lora`, with the adapter merged into the UNet's weights (the UNet
     keeps them merged and loses the adapter).
     """
+    join_processes()
     checkpoint = find_checkpoint(config)
     _check_inputs(config, unet, dataset, checkpoint)
     if output_pipeline is not None and not any(c is unet for c in output_pipeline.components.values()):
@@ -379,18 +395,28 @@ def train(
     return _Run(config, unet, tokenizer, text_encoder, dataset, scheduler, schedule, checkpoint, output_pipeline).run()
 
 
+def join_processes() -> PartialState:
+    """accelerate's process state (see `if_diffusers.processes`), over gloo on a machine without an accelerator."""
+    return process_state(cpu=_no_accelerator())
+
+
+def _no_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, MPS, XPU, ...
+    return not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available())
+
+
 class _Run:
     """One call of `train`: the prepared objects, the loop, checkpoints, validation and the result."""
 
     def __init__(self, config, unet, tokenizer, text_encoder, dataset, scheduler, schedule, checkpoint,
                  output_pipeline=None):  # fmt: skip
-        from accelerate import Accelerator
-
         self.config, self.dataset, self.scheduler = config, dataset, scheduler
         self.output_pipeline = output_pipeline  # saved at the end instead of the stage's pipeline (`train`)
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.accelerator = accelerator = Accelerator(
-            mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            cpu=_no_accelerator(),
         )
         if checkpoint is None and accelerator.is_main_process:  # a new run: no stale checkpoint can be "latest"
             shutil.rmtree(config.output_dir / "checkpoints", ignore_errors=True)
@@ -423,16 +449,26 @@ class _Run:
         accelerator.register_for_checkpointing(self.progress)
         if checkpoint is not None:
             accelerator.load_state(str(checkpoint))
+            if self.progress.samples is None:  # saved before the stream position was: as this run would have it
+                self.progress.samples = self.progress.step * config.gradient_accumulation_steps * self._stride
             self._follow_this_runs_schedule()
             if self.ema is not None:
                 self.ema.to(device)  # loaded on the CPU
             logger.info(f"resumed from {checkpoint} at step {self.progress.step}")
 
+    @property
+    def _stride(self) -> int:
+        """Stream positions per micro-step: every process's batch."""
+        return self.config.train_batch_size * self.accelerator.num_processes
+
     def _follow_this_runs_schedule(self) -> None:
         """After a resume: the rate of the next step from this run's `learning_rate` and schedule (which may end at a
-        later `max_train_steps` than the run that saved the checkpoint), not the saved run's last rate. Unchanged
-        settings give the saved rate bitwise (the scheduler's own expression)."""
+        later `max_train_steps` than the run that saved the checkpoint), not the saved run's last rate, and counted
+        in this run's processes (accelerate steps the schedule once per process per step: a checkpoint of 2
+        processes holds twice the count of 1). Unchanged settings give the saved rate bitwise (the scheduler's own
+        expression)."""
         scheduler = self.lr_scheduler.scheduler
+        scheduler.last_epoch = self.progress.step * self.accelerator.num_processes
         scheduler.base_lrs = [self.config.learning_rate] * len(scheduler.base_lrs)
         rates = [base * rule(scheduler.last_epoch) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
         for group, rate in zip(self.optimizer.param_groups, rates):
@@ -445,13 +481,15 @@ class _Run:
         rank = self.config.lora_rank
         config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
         self.unet.requires_grad_(False)
-        self.unet.add_adapter(config)  # only the adapter's weights require gradients
+        # the adapter's random initial weights from `seed`, not from whatever the global generator holds
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            self.unet.add_adapter(config)  # only the adapter's weights require gradients
         return config
 
     def _batches(self) -> torch.utils.data.DataLoader:
         config, accelerator = self.config, self.accelerator
-        sampler = ResumableBatches(len(self.dataset), config.train_batch_size, config.seed,
-                                   start=self.progress.step * config.gradient_accumulation_steps,
+        sampler = ResumableBatches(len(self.dataset), config.train_batch_size, config.seed, start=self.progress.samples,
                                    rank=accelerator.process_index, processes=accelerator.num_processes)  # fmt: skip
         return torch.utils.data.DataLoader(IndexedItems(self.dataset), batch_sampler=sampler,
                                            collate_fn=CollateImages(config.resolution),
@@ -459,23 +497,24 @@ class _Run:
 
     def run(self) -> Path:
         config, accelerator = self.config, self.accelerator
-        micro_step = self.progress.step * config.gradient_accumulation_steps
         bar = tqdm(total=config.max_train_steps, initial=self.progress.step, desc="training",
-                   disable=not accelerator.is_local_main_process)  # fmt: skip
+                   disable=not accelerator.is_main_process)  # fmt: skip
         losses = []
         self.model.train()
         batches = iter(self._batches())
         while self.progress.step < config.max_train_steps:
             images, captions = next(batches)
-            losses.append(self._micro_step(images.to(self.device), captions, micro_step))
-            micro_step += 1
+            first = self.progress.samples + accelerator.process_index * config.train_batch_size
+            losses.append(self._micro_step(images.to(self.device), captions, range(first, first + len(captions))))
+            self.progress.samples += self._stride
             if not accelerator.sync_gradients:
                 continue
             if self.ema is not None:
                 self.ema.step(self.params)
             self.progress.step += 1
             bar.update()
-            bar.set_postfix(loss=f"{torch.stack(losses).mean().item():.4g}", lr=self.lr_scheduler.get_last_lr()[0])
+            loss = accelerator.reduce(torch.stack(losses).mean(), "mean")  # every process's batch
+            bar.set_postfix(loss=f"{loss.item():.4g}", lr=self.lr_scheduler.get_last_lr()[0])
             losses = []
             if self.progress.step % config.checkpointing_steps == 0:
                 self._checkpoint()
@@ -484,10 +523,11 @@ class _Run:
         bar.close()
         return self._save_result()
 
-    def _micro_step(self, images: torch.Tensor, captions: list[str], micro_step: int) -> torch.Tensor:
-        """Forward, backward and (at the last micro-step of a step) the optimizer step; returns the detached loss."""
+    def _micro_step(self, images: torch.Tensor, captions: list[str], positions: range) -> torch.Tensor:
+        """Forward, backward and (at the last micro-step of a step) the optimizer step on the samples at `positions`
+        of the data stream; returns the detached loss."""
         config = self.config
-        generator = step_generator(config.seed, micro_step, self.accelerator.process_index, self.device)
+        generator = sample_generators(config.seed, positions, self.device)
         text = torch.stack([self.embeddings[c] for c in captions]).to(self.device)
         text = drop_text(text, self.embeddings[""], config.text_dropout, generator)
         with self.accelerator.accumulate(self.model):
