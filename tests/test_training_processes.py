@@ -16,11 +16,12 @@ from training_processes_worker import record_run
 from if_diffusers import IFPipeline
 
 WORKER = Path(__file__).with_name("training_processes_worker.py")
-# 4 steps of 8 samples (2 processes x 4, or 1 x 8), a decaying rate, EMA, a checkpoint at step 2, validation images
-# and the embedding cache, all written by the main process
+# 4 steps of 16 samples (2 processes x batch 4 x 2 accumulated micro-steps, or 1 x 16), a decaying rate, EMA, a
+# checkpoint at step 2, validation images and the embedding cache, all written by the main process
 COMMON = ["--stage", "I", "--synthetic-shapes", "24", "--resolution", "16", "--max-train-steps", "4",
           "--checkpointing-steps", "2", "--learning-rate", "1e-3", "--lr-scheduler", "linear", "--lr-warmup-steps", "1",
           "--ema-decay", "0.9", "--seed", "5"]  # fmt: skip
+TWO_PROCESSES = ["--train-batch-size", "4", "--gradient-accumulation-steps", "2"]  # against one: --train-batch-size 16
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +52,17 @@ def _assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor], rtol
 
 
 def test_two_processes_train_as_one(model_folder, tmp_path):
-    """2 processes x batch 4 against 1 process x batch 8: the same samples with the same draws (each sample's from
-    its position in the data stream), so the same first gradient up to float32 summation order, and the same rates.
+    """2 processes x batch 4 x 2 accumulated micro-steps against 1 process x batch 16: the same samples with the same
+    draws (each sample's from its position in the data stream), so the same first gradient up to float32 summation
+    order, and the same rates.
     Both processes end with identical weights; the output folder is written once and loads; the 2-process
     checkpoint resumes on 2 processes to the same weights and on 1 to the 1-process run's."""
     one = tmp_path / "one"
     assert record_run(one / "records", [*COMMON, "--model", model_folder, "--output-dir", one / "out",
-                                        "--train-batch-size", "8"]) == 0  # fmt: skip
+                                        "--train-batch-size", "16"]) == 0  # fmt: skip
     two = tmp_path / "two"
-    run = _torchrun(two / "records", *COMMON, "--model", model_folder, "--output-dir", two / "out",
-                    "--train-batch-size", "4", "--validation-steps", "2", "--validation-prompt", "a red circle",
+    run = _torchrun(two / "records", *COMMON, *TWO_PROCESSES, "--model", model_folder, "--output-dir", two / "out",
+                    "--validation-steps", "2", "--validation-prompt", "a red circle",
                     "--embedding-cache-dir", tmp_path / "cache")  # fmt: skip
     ranks, single = [_record(two / "records", r) for r in (0, 1)], _record(one / "records")
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
@@ -80,17 +82,18 @@ def test_two_processes_train_as_one(model_folder, tmp_path):
     _assert_close(list(loaded.parameters()), ranks[0]["params"], rtol=0)
 
     checkpoint = two / "out" / "checkpoints" / "checkpoint-2"
-    _torchrun(tmp_path / "again" / "records", *COMMON, "--model", model_folder, "--output-dir", tmp_path / "again" / "out",
-              "--train-batch-size", "4", "--resume-from-checkpoint", checkpoint)  # fmt: skip
-    again = [_record(tmp_path / "again" / "records", r) for r in (0, 1)]
-    assert again[0]["checksum"] == again[1]["checksum"] == ranks[0]["checksum"]
-    assert again[0]["rates"] == ranks[0]["rates"][2:]
+    again = tmp_path / "again"
+    _torchrun(again / "records", *COMMON, *TWO_PROCESSES, "--model", model_folder, "--output-dir", again / "out",
+              "--resume-from-checkpoint", checkpoint)  # fmt: skip
+    resumed = [_record(again / "records", r) for r in (0, 1)]
+    assert resumed[0]["checksum"] == resumed[1]["checksum"] == ranks[0]["checksum"]
+    assert resumed[0]["rates"] == ranks[0]["rates"][2:]
     alone = tmp_path / "alone"
     assert record_run(alone / "records", [*COMMON, "--model", model_folder, "--output-dir", alone / "out",
-                                          "--train-batch-size", "8", "--resume-from-checkpoint", checkpoint]) == 0  # fmt: skip
-    resumed = _record(alone / "records")
-    assert resumed["rates"] == pytest.approx(single["rates"][2:], rel=1e-12)
-    _assert_close(resumed["params"], single["params"], rtol=2e-4)
+                                          "--train-batch-size", "16", "--resume-from-checkpoint", checkpoint]) == 0  # fmt: skip
+    resumed_alone = _record(alone / "records")
+    assert resumed_alone["rates"] == pytest.approx(single["rates"][2:], rel=1e-12)
+    _assert_close(resumed_alone["params"], single["params"], rtol=2e-4)
 
 
 def test_two_processes_train_a_lora_of_stage_ii_as_one(pipeline_components, tmp_path):
