@@ -315,26 +315,15 @@ def one_process_run(tmp_path_factory) -> Path:
     return root / "out"
 
 
-def test_two_processes_with_batch_3_make_the_images_of_one_process_with_batch_1(one_process_run, tmp_path):
-    prompts = _write(tmp_path / "prompts.txt", DEMO_PROMPTS)
-    code, out, err = _finish(_torchrun(2, prompts, tmp_path / "out", *STEPS, "--batch-size", "3"))
-    assert code == 0, err
-    assert "made 12 images" in out and "on 2 process(es)" in out and out.count("wrote") == 1
-    assert len(re.findall(r"images:\s+0%.* 0/12 \[", err)) == 1  # one bar, on the main process
-    assert _images(tmp_path / "out") == _images(one_process_run) == [f"{n:08d}-000.png" for n in range(1, 13)]
-    for name in _images(one_process_run):
-        assert np.abs(_pixels(tmp_path / "out" / name) - _pixels(one_process_run / name)).max() <= 1, name
-    assert (tmp_path / "out" / "metadata.jsonl").read_text() == (one_process_run / "metadata.jsonl").read_text()
-
-
-def test_a_run_killed_midway_is_completed_by_a_rerun(tmp_path):
-    """SIGKILL to one of two processes once the first images are written (torchrun then stops the other); the rerun
-    keeps what is complete, makes the rest, and leaves every image once, decodable, with one metadata row each."""
+def test_a_run_killed_midway_is_completed_by_a_rerun_with_another_batch_size(one_process_run, tmp_path):
+    """SIGKILL to one of two processes once the first images are written (torchrun then stops the other); the rerun,
+    at batch 3, keeps what is complete, makes the rest, and leaves every image once, decodable, with one metadata row
+    each, one progress bar and one "wrote": the images and metadata of one process at batch 1 (within 1 of 255)."""
     import psutil
 
     prompts = _write(tmp_path / "prompts.txt", DEMO_PROMPTS)
     out = tmp_path / "out"
-    run = _torchrun(2, prompts, out, "--steps", "4", "--batch-size", "1")
+    run = _torchrun(2, prompts, out, *STEPS, "--batch-size", "1")
     deadline = time.monotonic() + 300
     while not (out.is_dir() and _images(out)) and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -347,11 +336,17 @@ def test_a_run_killed_midway_is_completed_by_a_rerun(tmp_path):
     assert not (out / "metadata.jsonl").exists()
     kept = {name: (out / name).stat().st_mtime_ns for name in made_before}
 
-    code, stdout, err = _finish(_torchrun(2, prompts, out, "--steps", "4", "--batch-size", "1"))
+    code, stdout, err = _finish(_torchrun(2, prompts, out, *STEPS, "--batch-size", "3"))
     assert code == 0, err
     assert f"made {12 - len(made_before)} images" in stdout and f"kept {len(made_before)} of an earlier run" in stdout
+    assert "on 2 process(es)" in stdout and stdout.count("wrote") == 1
+    # one bar, on the main process, starting from the kept images
+    assert len(re.findall(rf"images:\s+\d+%.* {len(made_before)}/12 \[", err)) == 1, err[-2000:]
     names = _images(out)
-    assert names == [f"{n:08d}-000.png" for n in range(1, 13)]
+    assert names == _images(one_process_run) == [f"{n:08d}-000.png" for n in range(1, 13)]
+    for name in names:
+        assert np.abs(_pixels(out / name) - _pixels(one_process_run / name)).max() <= 1, name
+    assert (out / "metadata.jsonl").read_text() == (one_process_run / "metadata.jsonl").read_text()
     assert sorted(p.name for p in out.iterdir()) == [*names, "metadata.jsonl"]  # nothing half-written left
     assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
