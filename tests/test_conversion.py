@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from if_diffusers import IFSuperResUNet2DConditionModel, IFUNet2DConditionModel
 from if_diffusers.conversion import ConversionError, convert_original_checkpoint, write_checkpoint
+from if_diffusers.conversion.command_line import main as convert_main
 from if_diffusers.conversion.oracle import relative_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -293,11 +294,11 @@ def test_script_converts(checkpoint, tmp_path):
     assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
 
 
-def test_script_reports_errors_without_a_traceback(checkpoint, tmp_path):
+def test_script_reports_errors_without_a_traceback(checkpoint, tmp_path, capsys):
+    # the script's main in this process (test_script_converts runs it as a user does): an exception would propagate
     (checkpoint / "config.yml").unlink()
-    result = _script("--checkpoint", checkpoint, "--output", tmp_path / "out")
-    assert result.returncode == 1
-    assert "error: " in result.stderr and "config.yml: missing" in result.stderr and "Traceback" not in result.stderr
+    assert convert_main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]) == 1
+    assert "error: " in (err := capsys.readouterr().err) and "config.yml: missing" in err
 
 
 def test_compare_with_original_measures_the_conversion(checkpoint, tmp_path):
@@ -362,13 +363,12 @@ def test_atomic_folder_gets_the_permissions_of_a_plain_mkdir(tmp_path):
     assert (tmp_path / "out" / "file.txt").read_text() == "x" and _leftovers(tmp_path) == []
 
 
-def test_tiny_original_checkpoint_script_then_verified_conversion(tmp_path):
-    # the checkpoint script in this process (its imports are this session's); the conversion as a user runs it
+def test_tiny_original_checkpoint_script_then_verified_conversion(tmp_path, capsys):
+    # both scripts' mains in this process (test_script_converts runs the conversion script as a user does)
     make = load_script("make_tiny_original_checkpoint").main
     assert make(["--output", str(tmp_path / "src"), "--stage", "II", "--model-channels", "32"]) == 0
-    result = _script("--checkpoint", tmp_path / "src", "--output", tmp_path / "out", "--verify")
-    assert result.returncode == 0, result.stderr
-    error = float(result.stdout.split("max relative error against deepfloyd_if: ")[1].split()[0])
+    assert convert_main(["--checkpoint", str(tmp_path / "src"), "--output", str(tmp_path / "out"), "--verify"]) == 0
+    error = float(capsys.readouterr().out.split("max relative error against deepfloyd_if: ")[1].split()[0])
     assert error < 1e-5
 
 

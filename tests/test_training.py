@@ -267,6 +267,23 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(tiny_text, tmp_path, s
     _assert_same_state(config.output_dir / "checkpoints/checkpoint-4", straight_run[0] / "checkpoints/checkpoint-4")
 
 
+def test_a_resume_with_another_accumulation_counts_its_own_micro_steps(tiny_text, tmp_path):
+    """Three steps of one micro-step each, then resumed with two a step: steps 4 and 5 take two forwards each
+    (accelerate restores the saved run's micro-step count, 3, which would end step 4 after one), and the stream
+    position carries on (2 samples a micro-step)."""
+    tokenizer, text_encoder = tiny_text
+    settings = dict(gradient_accumulation_steps=1, ema_decay=None, checkpointing_steps=3)
+    train(_config(tmp_path, max_train_steps=3, **settings), tiny_unet("I"), tokenizer, text_encoder, Pairs(3))
+    unet = tiny_unet("I")
+    calls = _count_calls(unet)
+    settings.update(gradient_accumulation_steps=2, checkpointing_steps=5)
+    config = _config(tmp_path, max_train_steps=5, resume_from_checkpoint="latest", **settings)
+    train(config, unet, tokenizer, text_encoder, Pairs(3))
+    assert len(calls) == 4
+    progress = torch.load(config.output_dir / "checkpoints/checkpoint-5/custom_checkpoint_0.pkl", weights_only=False)
+    assert progress == {"step": 5, "samples": 3 * 2 + 2 * 2 * 2, "processes": 1}
+
+
 def test_saved_pipeline_loads_and_runs(straight_run):
     """The result loads with `IFPipeline.from_pretrained`, holds the EMA weights and generates; validation wrote
     its image."""

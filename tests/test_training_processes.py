@@ -5,6 +5,7 @@ learning rates and final weights."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,10 +32,13 @@ def model_folder(pipeline_components, tmp_path_factory) -> Path:
     return folder
 
 
-def _torchrun(records: Path, *arguments: str) -> subprocess.CompletedProcess:
-    """The worker on 2 processes (`--standalone`: a free port, so that concurrent tests do not collide)."""
+def _torchrun(records: Path, *runs: list) -> subprocess.CompletedProcess:
+    """The worker's `runs` in turn on 2 processes (`--standalone`: a free port, so that concurrent tests do not
+    collide)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-               str(records), "--", *map(str, arguments)]  # fmt: skip
+               str(records)]  # fmt: skip
+    for run in runs:
+        command += ["--", *map(str, run)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -51,70 +55,67 @@ def _assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor], rtol
     assert (actual - expected).abs().max() <= rtol * expected.abs().max(), (actual - expected).abs().max()
 
 
-def test_two_processes_train_as_one(model_folder, tmp_path):
+def test_two_processes_train_as_one(model_folder, pipeline_components, tmp_path):
     """2 processes x batch 4 x 2 accumulated micro-steps against 1 process x batch 16: the same samples with the same
     draws (each sample's from its position in the data stream), so the same first gradient up to float32 summation
-    order, and the same rates.
-    Both processes end with identical weights; the output folder is written once and loads; the 2-process
-    checkpoint resumes on 2 processes to the same weights and on 1 to the 1-process run's."""
-    one = tmp_path / "one"
+    order, and the same rates. Both processes end with identical weights; the output folder is written once and
+    loads; the 2-process checkpoint resumes on 2 processes to the same weights and on 1 to the 1-process run's. A
+    LoRA of stage II (only the adapter trains) the same way: 2 x 2 against 1 x 4, its file written once; it loads.
+    The 2-process runs share one torchrun (each a fresh `if-diffusers train` call in the same processes)."""
+    from if_diffusers import IFSuperResolutionPipeline
+
+    one, two, again, alone = (tmp_path / name for name in ("one", "two", "again", "alone"))
+    stage_2 = tmp_path / "stage_2"
+    IFSuperResolutionPipeline(**pipeline_components("II")).save_pretrained(stage_2)
+    lora = ["--stage", "II", "--synthetic-shapes", "8", "--resolution", "32", "--max-train-steps", "2",
+            "--checkpointing-steps", "2", "--lora-rank", "2", "--learning-rate", "1e-3", "--model", stage_2]  # fmt: skip
+    checkpoint = two / "out" / "checkpoints" / "checkpoint-2"
+    run = _torchrun(
+        tmp_path / "records",
+        [*COMMON, *TWO_PROCESSES, "--model", model_folder, "--output-dir", two / "out", "--validation-steps", "2",
+         "--validation-prompt", "a red circle", "--embedding-cache-dir", tmp_path / "cache"],
+        [*COMMON, *TWO_PROCESSES, "--model", model_folder, "--output-dir", again / "out",
+         "--resume-from-checkpoint", checkpoint],
+        [*lora, "--output-dir", tmp_path / "lora_out", "--train-batch-size", "2"],
+    )  # fmt: skip
+    ranks, resumed, lora_ranks = ([_record(tmp_path / "records" / f"run-{i}", r) for r in (0, 1)] for i in range(3))
+
     assert record_run(one / "records", [*COMMON, "--model", model_folder, "--output-dir", one / "out",
                                         "--train-batch-size", "16"]) == 0  # fmt: skip
-    two = tmp_path / "two"
-    run = _torchrun(two / "records", *COMMON, *TWO_PROCESSES, "--model", model_folder, "--output-dir", two / "out",
-                    "--validation-steps", "2", "--validation-prompt", "a red circle",
-                    "--embedding-cache-dir", tmp_path / "cache")  # fmt: skip
-    ranks, single = [_record(two / "records", r) for r in (0, 1)], _record(one / "records")
+    single = _record(one / "records")
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
-    _assert_close(ranks[0]["gradients"], single["gradients"], rtol=1e-5)  # measured 1.4e-6
-    assert (
-        ranks[0]["rates"] == ranks[1]["rates"] == pytest.approx(single["rates"], rel=1e-12)
-        and len(single["rates"]) == 4
-    )
-    _assert_close(ranks[0]["params"], single["params"], rtol=2e-4)  # measured 2e-5; a step moves 1e-3
+    _assert_close(ranks[0]["gradients"], single["gradients"], rtol=1e-5)  # measured 1.7e-6
+    assert ranks[0]["rates"] == ranks[1]["rates"] == pytest.approx(single["rates"], rel=1e-12)
+    assert len(single["rates"]) == 4
+    _assert_close(ranks[0]["params"], single["params"], rtol=2e-4)  # measured 5e-5; a step moves 1e-3
     # written once, by the main process, and nothing half-written beside it
-    assert run.stdout.count("wrote ") == 1 and f"wrote {two / 'out' / 'pipeline'}" in run.stdout
+    for folder in (two / "out" / "pipeline", again / "out" / "pipeline", tmp_path / "lora_out" / "lora"):
+        assert run.stdout.count(f"wrote {folder}\n") == 1, run.stdout
+    # one progress bar a run (a bar's first frame has no rate yet)
+    assert run.stdout.count("wrote ") == 3 and len(re.findall(r"training: [^\r\n]*\?it/s\]", run.stderr)) == 3
     assert sorted(p.name for p in (two / "out").iterdir()) == ["checkpoints", "pipeline", "validation"]
     assert sorted(p.name for p in (two / "out" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert sorted(p.name for p in (two / "out" / "validation").iterdir()) == ["step-2.png", "step-4.png"]
-    assert run.stderr.count("training:   0%") == 1  # one progress bar
     loaded = IFPipeline.from_pretrained(two / "out" / "pipeline").unet
     _assert_close(list(loaded.parameters()), ranks[0]["params"], rtol=0)
 
-    checkpoint = two / "out" / "checkpoints" / "checkpoint-2"
-    again = tmp_path / "again"
-    _torchrun(again / "records", *COMMON, *TWO_PROCESSES, "--model", model_folder, "--output-dir", again / "out",
-              "--resume-from-checkpoint", checkpoint)  # fmt: skip
-    resumed = [_record(again / "records", r) for r in (0, 1)]
+    # the checkpoint of 2 processes, resumed on 2 (the same weights, bit for bit) and on 1 (the 1-process run's)
     assert resumed[0]["checksum"] == resumed[1]["checksum"] == ranks[0]["checksum"]
     assert resumed[0]["rates"] == ranks[0]["rates"][2:]
-    alone = tmp_path / "alone"
     assert record_run(alone / "records", [*COMMON, "--model", model_folder, "--output-dir", alone / "out",
                                           "--train-batch-size", "16", "--resume-from-checkpoint", checkpoint]) == 0  # fmt: skip
     resumed_alone = _record(alone / "records")
     assert resumed_alone["rates"] == pytest.approx(single["rates"][2:], rel=1e-12)
     _assert_close(resumed_alone["params"], single["params"], rtol=2e-4)
 
-
-def test_two_processes_train_a_lora_of_stage_ii_as_one(pipeline_components, tmp_path):
-    """LoRA (only the adapter's weights train) on the super-resolution stage: 2 processes x batch 2 match 1 x 4 in the
-    first gradient, end identical, and write the adapter file once; it loads into the pipeline."""
-    from if_diffusers import IFSuperResolutionPipeline
-
-    model = tmp_path / "stage_2"
-    IFSuperResolutionPipeline(**pipeline_components("II")).save_pretrained(model)
-    common = ["--stage", "II", "--synthetic-shapes", "8", "--resolution", "32", "--max-train-steps", "2",
-              "--checkpointing-steps", "2", "--lora-rank", "2", "--learning-rate", "1e-3", "--model", model]  # fmt: skip
-    assert (
-        record_run(tmp_path / "one", [*common, "--output-dir", tmp_path / "one_out", "--train-batch-size", "4"]) == 0
-    )
-    run = _torchrun(tmp_path / "two", *common, "--output-dir", tmp_path / "out", "--train-batch-size", "2")
-    ranks, single = [_record(tmp_path / "two", r) for r in (0, 1)], _record(tmp_path / "one")
-    assert ranks[0]["checksum"] == ranks[1]["checksum"]
-    assert len(ranks[0]["gradients"]) == len(single["gradients"]) > 0  # the adapter's weights only
-    _assert_close(ranks[0]["gradients"], single["gradients"], rtol=1e-5)
-    assert run.stdout.count("wrote ") == 1 and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "checkpoints", "lora"]  # fmt: skip
-    pipeline = IFSuperResolutionPipeline.from_pretrained(model)
-    pipeline.load_lora_weights(tmp_path / "out" / "lora")
+    # LoRA of stage II
+    assert record_run(tmp_path / "lora_one", [*lora, "--output-dir", tmp_path / "lora_one_out",
+                                              "--train-batch-size", "4"]) == 0  # fmt: skip
+    lora_single = _record(tmp_path / "lora_one")
+    assert lora_ranks[0]["checksum"] == lora_ranks[1]["checksum"]
+    assert len(lora_ranks[0]["gradients"]) == len(lora_single["gradients"]) > 0  # the adapter's weights only
+    _assert_close(lora_ranks[0]["gradients"], lora_single["gradients"], rtol=1e-5)  # measured 3.6e-6
+    assert sorted(p.name for p in (tmp_path / "lora_out").iterdir()) == ["checkpoints", "lora"]
+    pipeline = IFSuperResolutionPipeline.from_pretrained(stage_2)
+    pipeline.load_lora_weights(tmp_path / "lora_out" / "lora")
     assert pipeline.get_active_adapters()

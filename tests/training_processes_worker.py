@@ -1,9 +1,11 @@
 """`if-diffusers train` with what tests/test_training_processes.py compares, recorded per process: the gradients
 of the first optimizer step, the learning rate of every step and a checksum of the final weights.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/training_processes_worker.py RECORDS -- TRAIN-ARGS...
+    python -m torch.distributed.run --nproc_per_node 2 tests/training_processes_worker.py RECORDS \
+        -- TRAIN-ARGS... [-- TRAIN-ARGS...]
 
-`record_run(records, argv)` does the same in this process (one process)."""
+runs each `TRAIN-ARGS` in turn (the same processes: one start-up for several runs), recording run i in
+`RECORDS/run-<i>`. `record_run(records, argv)` does one run in this process."""
 
 from __future__ import annotations
 
@@ -45,6 +47,19 @@ def record_run(records: Path, argv: list) -> int:
     return code
 
 
+def _runs(arguments: list[str]) -> list[list[str]]:
+    """The argument lists between (and after) the `--` separators."""
+    runs = []
+    for argument in arguments:
+        if argument == "--":
+            runs.append([])
+        else:
+            runs[-1].append(argument)
+    return runs
+
+
 if __name__ == "__main__":
-    separator = sys.argv.index("--")
-    sys.exit(record_run(Path(sys.argv[1]), sys.argv[separator + 1 :]))
+    records = Path(sys.argv[1])
+    for index, argv in enumerate(_runs(sys.argv[2:])):
+        if code := record_run(records / f"run-{index}", argv):
+            sys.exit(code)

@@ -290,24 +290,27 @@ def diffusion_loss(
 
 @dataclass
 class TrainingProgress:
-    """Saved in every checkpoint: the optimizer steps done and the data stream's position (the samples all processes
-    have taken; `None` from a checkpoint written before it was saved: the run derives it from the step count)."""
+    """Saved in every checkpoint: the optimizer steps done, the data stream's position (the samples all processes
+    have taken) and the number of processes that trained. `None`: from a checkpoint written before they were saved
+    (the run derives them from the step count and its own processes)."""
 
     step: int = 0
     samples: int | None = 0
+    processes: int | None = 1
 
     def state_dict(self) -> dict[str, int | None]:
-        return {"step": self.step, "samples": self.samples}
+        return {"step": self.step, "samples": self.samples, "processes": self.processes}
 
     def load_state_dict(self, state: dict[str, int | None]) -> None:
-        self.step, self.samples = state["step"], state.get("samples")
+        self.step, self.samples, self.processes = state["step"], state.get("samples"), state.get("processes")
 
 
 # --- checks before anything runs -------------------------------------------------------------------------------
 
 
 def find_checkpoint(config: TrainingConfig) -> Path | None:
-    """The checkpoint `resume_from_checkpoint` names (None: start fresh); a missing one is a ValueError."""
+    """The checkpoint `resume_from_checkpoint` names (None: start fresh, also for "latest" when there is none yet); a
+    missing one is a ValueError."""
     if config.resume_from_checkpoint is None:
         return None
     if str(config.resume_from_checkpoint) != "latest":
@@ -317,8 +320,6 @@ def find_checkpoint(config: TrainingConfig) -> Path | None:
         return path
     found = sorted((int(m.group(1)), p) for p in (config.output_dir / "checkpoints").glob("checkpoint-*")
                    if (m := CHECKPOINT_PATTERN.fullmatch(p.name)))  # fmt: skip
-    if not found:
-        logger.warning(f"resume_from_checkpoint='latest': no checkpoint in {config.output_dir}; starting fresh")
     return found[-1][1] if found else None
 
 
@@ -382,9 +383,12 @@ def train(
     `lora_rank` it is saved too, beside `output_dir/lora`, with the adapter merged into the UNet's weights (the UNet
     keeps them merged and loses the adapter).
     """
-    join_processes()
+    processes = join_processes()
     checkpoint = find_checkpoint(config)
+    if checkpoint is None and config.resume_from_checkpoint is not None:
+        logger.warning(f"resume_from_checkpoint='latest': no checkpoint in {config.output_dir}; starting fresh")
     _check_inputs(config, unet, dataset, checkpoint)
+    processes.wait_for_everyone()  # every process has checked the output folder before the main one writes to it
     if output_pipeline is not None and not any(c is unet for c in output_pipeline.components.values()):
         raise ValueError(
             f"output_pipeline ({type(output_pipeline).__name__}) does not hold unet among its components; expected "
@@ -445,13 +449,18 @@ class _Run:
             self.ema = EMAModel(self.params, decay=config.ema_decay)
             self.ema.to(device)
             accelerator.register_for_checkpointing(self.ema)
-        self.progress = TrainingProgress()
+        self.progress = TrainingProgress(processes=accelerator.num_processes)
         accelerator.register_for_checkpointing(self.progress)
         if checkpoint is not None:
             accelerator.load_state(str(checkpoint))
+            # checkpoints fall between optimizer steps; the micro-step count it restores (from a process's own RNG
+            # file, which a process the saving run lacked does not have) would be counted in the saved run's
+            # accumulation
+            accelerator.step = 0
             if self.progress.samples is None:  # saved before the stream position was: as this run would have it
                 self.progress.samples = self.progress.step * config.gradient_accumulation_steps * self._stride
-            self._follow_this_runs_schedule()
+            self._follow_this_runs_schedule(saved_processes=self.progress.processes or accelerator.num_processes)
+            self.progress.processes = accelerator.num_processes
             if self.ema is not None:
                 self.ema.to(device)  # loaded on the CPU
             logger.info(f"resumed from {checkpoint} at step {self.progress.step}")
@@ -461,14 +470,14 @@ class _Run:
         """Stream positions per micro-step: every process's batch."""
         return self.config.train_batch_size * self.accelerator.num_processes
 
-    def _follow_this_runs_schedule(self) -> None:
+    def _follow_this_runs_schedule(self, saved_processes: int) -> None:
         """After a resume: the rate of the next step from this run's `learning_rate` and schedule (which may end at a
         later `max_train_steps` than the run that saved the checkpoint), not the saved run's last rate, and counted
-        in this run's processes (accelerate steps the schedule once per process per step: a checkpoint of 2
-        processes holds twice the count of 1). Unchanged settings give the saved rate bitwise (the scheduler's own
-        expression)."""
+        in this run's processes (accelerate steps the schedule once per process per step, and not for a step that
+        fp16 skipped: a checkpoint of 2 processes holds twice the count of 1). Unchanged settings give the saved
+        rate bitwise (the scheduler's own expression)."""
         scheduler = self.lr_scheduler.scheduler
-        scheduler.last_epoch = self.progress.step * self.accelerator.num_processes
+        scheduler.last_epoch = scheduler.last_epoch * self.accelerator.num_processes // saved_processes
         scheduler.base_lrs = [self.config.learning_rate] * len(scheduler.base_lrs)
         rates = [base * rule(scheduler.last_epoch) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
         for group, rate in zip(self.optimizer.param_groups, rates):
@@ -482,8 +491,9 @@ class _Run:
         config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
         self.unet.requires_grad_(False)
         # the adapter's random initial weights from `seed`, not from whatever the global generator holds
+        # (PEFT initialises them on the CPU, then moves them to the UNet's device)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
+            torch.default_generator.manual_seed(self.config.seed)
             self.unet.add_adapter(config)  # only the adapter's weights require gradients
         return config
 
@@ -630,5 +640,6 @@ class _Run:
             if self.lora_config is None or self.output_pipeline is not None:
                 (self.output_pipeline or pipeline).save_pretrained(config.output_dir / "pipeline")
         accelerator.wait_for_everyone()
-        accelerator.end_training()
+        # no `accelerator.end_training()`: it would destroy the process group of the launch, which a script training
+        # more than once (stage I, then stage II) still needs; there are no trackers to stop
         return folder
