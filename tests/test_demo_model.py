@@ -104,19 +104,16 @@ def test_bundled_unets_have_the_architectures_the_training_script_builds(demo):
 def test_trained_stage_1_draws_held_out_colours_shapes_and_places_better_than_random_weights(demo, every_core):
     """A small version of scripts/benchmark_demo_cascade.py: 16 held-out captions (shape/colour pairs never seen in
     training), fewer steps (stage II is checked alone below; model_cards/IF-demo-shapes.md has the full benchmark's
-    figures). Random weights draw no readable colour."""
+    figures). Random weights draw no readable colour (their stage II, given its input's coarse content by the low-res
+    consistency, is checked in the next test)."""
     call = {**demo_cascade.QUALITY_CALL, "stage_1_timesteps": "smart27"}
-    # the trained cascade stops after stage I; stage II runs in one step for the random weights only: only its colour
-    # is read here (measured the same as with two: 0.0)
-    trained = demo_cascade.quality_scores(demo, count=16, batch_size=16, last_stage=1, **call)["stage_1"]
-    random_scores = demo_cascade.quality_scores(demo_cascade.random_weights_like(demo), count=16, batch_size=16,
-                                                **{**call, "stage_2_timesteps": [999]})  # fmt: skip
-    random = random_scores["stage_1"]
-    scores = {"trained": trained, "random weights": random_scores}
+    trained, random = (demo_cascade.quality_scores(cascade, count=16, batch_size=16, last_stage=1, **call)["stage_1"]
+                       for cascade in (demo, demo_cascade.random_weights_like(demo)))  # fmt: skip
+    scores = {"trained": trained, "random weights": random}
     # measured 1.0, shape 0.75, position 0.375 (random weights: 0.0, 0.19, 0.06) at QUALITY_CALL's guidance 2
     assert trained["colour"] >= 0.75, scores
     assert trained["shape"] > 2 * random["shape"] and trained["position"] >= max(0.3, 5 * random["position"]), scores
-    assert max(random["colour"], random_scores["stage_2"]["colour"]) <= 0.2, scores
+    assert random["colour"] <= 0.2, scores
 
 
 def test_benchmark_ratios_count_a_random_score_of_zero_as_one_caption():
