@@ -416,6 +416,22 @@ def test_bad_image_folder_raises_naming_the_file(tmp_path, case, message):
         CaptionedImageFolder(folder, 16)
 
 
+def test_a_resume_names_an_accelerate_too_old_to_load_checkpoints(tiny_text, tmp_path, monkeypatch, straight_run):
+    """accelerate 0.33 (the minimum) fails inside `load_state` under torch >= 2.6 (KeyError: 'step'): named before
+    any model runs."""
+    from packaging.version import Version
+
+    from if_diffusers.training import trainer
+
+    monkeypatch.setattr(trainer, "accelerate_version", lambda: Version("0.33.0"))
+    unet = tiny_unet("I")
+    calls = _count_calls(unet)
+    checkpoint = straight_run[0] / "checkpoints" / "checkpoint-2"
+    with pytest.raises(ValueError, match=r"resuming needs accelerate >= 1\.10\.1; accelerate 0\.33\.0 cannot"):
+        train(_config(tmp_path, resume_from_checkpoint=checkpoint), unet, *tiny_text, Pairs(3))
+    assert calls == []
+
+
 def test_bad_run_inputs_raise_before_any_step(tiny_text, tmp_path):
     """A non-empty output folder (without overwrite or resume), a dataset image of the wrong size, a stage II UNet
     for stage I and invalid settings raise ValueError before the UNet or T5 runs."""

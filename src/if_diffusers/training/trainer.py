@@ -28,6 +28,7 @@ end `pipeline/` (a complete `save_pretrained` folder, written atomically; EMA we
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import math
 import re
@@ -44,6 +45,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
+from packaging.version import Version
 from tqdm.auto import tqdm
 
 from ..atomic_folder import atomic_folder, check_writable_folder
@@ -86,6 +88,9 @@ SUPER_RESOLUTION_SCALE = 4
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
 VALIDATION_TIMESTEPS = {"I": "smart27", "II": "super27"}  # the original's fast respacing presets
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+# The oldest accelerate seen to resume (load_state) under torch 2.13; 0.33 (the package's minimum) cannot: torch's
+# weights_only default refuses its pickled random states, and it then looks up a step it never read.
+RESUME_ACCELERATE = Version("1.10.1")
 
 
 @dataclass
@@ -329,8 +334,19 @@ def augmentation_schedule(unet) -> torch.Tensor:
     return alphas if alphas is not None else noising_scheduler().alphas_cumprod
 
 
+def accelerate_version() -> Version:
+    return Version(importlib.metadata.version("accelerate"))
+
+
 def _check_inputs(config: TrainingConfig, unet, dataset, checkpoint: Path | None) -> None:
-    """The UNet suits the stage and resolution, the dataset is non-empty and the output folder usable."""
+    """The UNet suits the stage and resolution, the dataset is non-empty, the output folder usable and a checkpoint
+    loadable by the installed accelerate."""
+    if checkpoint is not None and accelerate_version() < RESUME_ACCELERATE:
+        raise ValueError(
+            f"resume_from_checkpoint={str(config.resume_from_checkpoint)!r}: resuming needs accelerate >= "
+            f"{RESUME_ACCELERATE}; accelerate {accelerate_version()} cannot load its own checkpoints' random states "
+            f"under torch {torch.__version__} (KeyError: 'step'): pip install -U accelerate"
+        )
     expected = 6 if config.stage == "II" else 3
     if unet.config.in_channels != expected or unet.config.out_channels != 6:
         raise ValueError(
