@@ -341,10 +341,10 @@ def accelerate_version() -> Version:
 def _check_inputs(config: TrainingConfig, unet, dataset, checkpoint: Path | None) -> None:
     """The UNet suits the stage and resolution, the dataset is non-empty, the output folder usable and a checkpoint
     loadable by the installed accelerate."""
-    if checkpoint is not None and accelerate_version() < RESUME_ACCELERATE:
+    if checkpoint is not None and (installed := accelerate_version()) < RESUME_ACCELERATE:
         raise ValueError(
             f"resume_from_checkpoint={str(config.resume_from_checkpoint)!r}: resuming needs accelerate >= "
-            f"{RESUME_ACCELERATE}; accelerate {accelerate_version()} cannot load its own checkpoints' random states "
+            f"{RESUME_ACCELERATE}; accelerate {installed} cannot load its own checkpoints' random states "
             f"under torch {torch.__version__} (KeyError: 'step'): pip install -U accelerate"
         )
     expected = 6 if config.stage == "II" else 3
