@@ -9,10 +9,12 @@ weights: the analyser's accuracies on images generated from held-out captions, a
 Stream 0's records 64-191 chose the demo's sampling presets (the model card's validation captions), so a count above
 64 at the default seed scores captions the presets were chosen on; other seeds' streams were used for nothing.
 
-Prints JSON: {"model", "count", "seed", "sampling", "trained": {"stage_1": {"colour", "shape", "position", "all"},
-"stage_2": {...}, "seconds"}, "random weights": {...}, "ratios": trained / random for colour and shape at each stage
-(`chance_ratios`), "stage_2_alone": {"trained": {"colour", "shape", "position", "all", "mae"}, "random weights":
-{...}} (`demo_cascade.super_resolution_scores`, 16 renderings of the same stream)}.
+Prints JSON: {"model", "count", "seed", "sampling", "trained": {"stage_1": {"colour", "shape", "position", "all",
+"background"}, "stage_2": {...}, "seconds"}, "random weights": {...}, "ratios": trained / random for colour, shape
+and background at each stage (`chance_ratios`), "stage_2_alone": {"trained": {"colour", "shape", "position", "all",
+"background", "mae"}, "random weights": {...}} (`demo_cascade.super_resolution_scores`, 16 renderings of the same
+stream)}. "all" is colour, shape and position at once; "background" is the plain colour, or both colours and the
+split of a two-tone background (`analysis.background_matches`).
 """
 
 from __future__ import annotations
@@ -63,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def chance_ratios(scores: dict, count: int) -> dict[str, dict[str, float]]:
-    """Trained over random-weight accuracy, for colour and shape at each stage, from `benchmark_scores`' result on
+    """Trained over random-weight accuracy, for colour, shape and background at each stage, from `benchmark_scores`' result on
     `count` captions. A random score of 0 counts as one caption in `count` (1 / count), so that ratio is a lower bound
     rather than a division by zero."""
     return {
         stage: {key: round(scores["trained"][stage][key] / max(scores["random weights"][stage][key], 1 / count), 2)
-                for key in ("colour", "shape")}
+                for key in ("colour", "shape", "background")}
         for stage in ("stage_1", "stage_2")
     }  # fmt: skip
 

@@ -4,6 +4,7 @@ measure, which must give a perfect generator full marks and a shapeless one chan
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -104,7 +105,8 @@ def test_quality_scores_give_a_perfect_generator_full_marks_and_noise_chance():
     # The analyser reads 99% of clean renderings' shapes at 32x32 (stage I) as at 128x128 (stage II).
     for stage in ("stage_1", "stage_2"):
         assert good[stage]["colour"] == 1.0 and good[stage]["shape"] >= 0.95 and good[stage]["position"] == 1.0
-        assert bad[stage]["colour"] < 0.4 and bad[stage]["all"] < 0.1
+        assert good[stage]["background"] == 1.0
+        assert bad[stage]["colour"] < 0.4 and bad[stage]["all"] < 0.1 and bad[stage]["background"] < 0.3
 
 
 def test_super_resolution_crops_are_seeded_4_aligned_crops_of_the_renderings():
@@ -178,6 +180,39 @@ def test_train_script_gives_stage_2_its_own_crop_and_batch(train_script, tmp_pat
         assert seen["II"] == (crop, batch, 3 * batch, (crop, crop))
     defaults = train_script.argument_parser().parse_args(["--output", str(tmp_path)])
     assert (defaults.stage_2_steps, defaults.stage_2_whole_steps) == (3000, 0)
+
+
+def test_train_script_tunes_stage_1_on_trained_stages_with_coarse_noise(train_script, tmp_path, monkeypatch):
+    """With `--stage-1` and `--stage-2` folders the script trains only stage I's tune phase: the given stage I's UNet,
+    on other records (seed 2) with the tune phase's offset, pyramid noise and rate, and saves the cascade of the tuned
+    stage I and the given stage II; `--evaluation-count 0` scores nothing. The defaults are the bundled recipe."""
+    from if_diffusers import IFPipeline, IFSuperResolutionPipeline
+    from if_diffusers.demo_cascade import load_demo_cascade
+
+    bundled = load_demo_cascade()
+    stages = {"I": tmp_path / "one", "II": tmp_path / "two"}
+    IFPipeline(**bundled._stage_components(1)).save_pretrained(stages["I"])
+    IFSuperResolutionPipeline(**bundled._stage_components(2)).save_pretrained(stages["II"])
+    seen = []
+
+    def fake_train(config, unet, tokenizer, text_encoder, dataset, scheduler):
+        seen.append((config, dataset))
+        folder = Path(config.output_dir) / "pipeline"
+        IFPipeline.from_pretrained(stages["I"]).save_pretrained(folder)
+        return folder
+
+    monkeypatch.setattr(train_script, "train", fake_train)
+    monkeypatch.setattr(train_script, "benchmark_scores", lambda *args, **kwargs: pytest.fail("scored"))
+    output = tmp_path / "run"
+    assert train_script.main(["--output", str(output), "--stage-1", str(stages["I"]), "--stage-2", str(stages["II"]),
+                              "--stage-1-tune-steps", "3", "--evaluation-count", "0"]) == 0  # fmt: skip
+    [(config, dataset)] = seen
+    assert (config.stage, config.max_train_steps, config.noise_offset) == ("I", 3, 0.5)
+    assert config.pyramid_noise_discount == 0.9
+    assert (config.learning_rate, config.seed, dataset.seed, len(dataset)) == (3e-4, 2, 2, 3 * 32)
+    assert (output / "cascade" / "model_index.json").is_file() and not (output / "scores.json").exists()
+    defaults = train_script.argument_parser().parse_args(["--output", str(tmp_path)])
+    assert (defaults.stage_1_tune_steps, defaults.stage_1_tune_noise_offset) == (800, 0.5)
 
 
 def test_train_script_drops_the_scratch_paths_from_the_saved_configs(train_script, tmp_path):

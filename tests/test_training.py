@@ -24,6 +24,7 @@ from if_diffusers.training.losses import (
     diffusion_schedule,
     hybrid_loss,
     min_snr_weights,
+    pyramid_noise,
     q_sample,
     sample_timesteps,
     super_resolution_inputs,
@@ -131,7 +132,7 @@ def test_loss_decreases_on_a_fixed_batch(tiny_text, tmp_path, stage, prediction_
 def test_snr_gamma_and_noise_offset_change_only_their_parts_of_the_loss(tiny_text):
     """`diffusion_loss(snr_gamma=5)` is the hybrid loss's epsilon term times `min_snr_weights` plus its variance term
     unchanged; `noise_offset=0.1` trains on noise plus `0.1 * N(0, 1)` per sample and channel, drawn after the
-    noise; `timestep_bias` draws its steps with `sample_timesteps`' bias. Each is checked against the loss
+    noise; `pyramid_noise_discount` adds the coarser levels after that; `timestep_bias` draws its steps with `sample_timesteps`' bias. Each is checked against the loss
     recomputed here step by step from the same draws."""
     tokenizer, text_encoder = tiny_text
     unet = tiny_unet("I").eval()
@@ -139,12 +140,17 @@ def test_snr_gamma_and_noise_offset_change_only_their_parts_of_the_loss(tiny_tex
     text = embed_captions(["a red circle"], tokenizer, text_encoder)["a red circle"].expand(6, -1, -1)
     schedule = diffusion_schedule(denoising_scheduler("I"))
 
-    def recomputed(offset: float, bias: tuple[float, float] = (0.0, 1.0)):
+    def recomputed(offset: float, bias: tuple[float, float] = (0.0, 1.0), pyramid: float = 0.0):
         generator = torch.Generator().manual_seed(3)
         steps = sample_timesteps(6, generator, 1000, *bias)
         noise = torch.randn(images.shape, generator=generator)
         if offset:
             noise = noise + offset * torch.randn(6, 3, 1, 1, generator=generator)
+        if pyramid:  # levels 8, 4, 2, 1 of the 16x16 images, upsampled by repetition, unit variance
+            levels = [torch.randn(6, 3, 16 >> k, 16 >> k, generator=generator) for k in range(1, 5)]
+            coarse = sum(pyramid**k * level.repeat_interleave(1 << k, 2).repeat_interleave(1 << k, 3)
+                         for k, level in enumerate(levels, start=1))  # fmt: skip
+            noise = (noise + coarse) / (1 + sum(pyramid ** (2 * k) for k in range(1, 5))) ** 0.5
         output = unet(q_sample(images, noise, steps, schedule), steps, encoder_hidden_states=text).sample
         return steps, hybrid_loss(output, images, noise, steps, schedule)[1]
 
@@ -155,14 +161,32 @@ def test_snr_gamma_and_noise_offset_change_only_their_parts_of_the_loss(tiny_tex
         steps, terms = recomputed(0.0)
         _, offset_terms = recomputed(0.1)
         biased_steps, biased_terms = recomputed(0.0, (0.5, 50.0))
+        _, pyramid_terms = recomputed(0.1, pyramid=0.8)
         torch.testing.assert_close(loss(), terms["mse"] + terms["vb"])
         weights = min_snr_weights(steps, schedule, 5.0)
         torch.testing.assert_close(loss(snr_gamma=5.0), terms["mse"] * weights + terms["vb"])
         torch.testing.assert_close(loss(noise_offset=0.1), offset_terms["mse"] + offset_terms["vb"])
         torch.testing.assert_close(loss(timestep_bias=(0.5, 50.0)), biased_terms["mse"] + biased_terms["vb"])
+        torch.testing.assert_close(loss(noise_offset=0.1, pyramid_noise_discount=0.8),
+                                   pyramid_terms["mse"] + pyramid_terms["vb"])  # fmt: skip
     assert (biased_steps >= 500).sum() >= 5, biased_steps  # 50:1 odds for the noisier half: all but rarely one
     assert (weights < 1).any(), steps  # the draw includes nearly clean steps, so the weighted loss differs there
     assert not torch.allclose(offset_terms["mse"], terms["mse"])
+
+
+def test_pyramid_noise_keeps_unit_variance_and_hides_coarse_layouts():
+    """Each pixel of pyramid noise has unit variance (measured over many draws), as IF's noising assumes; the
+    difference between the means of an image's two halves, which i.i.d. noise all but averages away, varies 27 times
+    more at discount 0.8, which is what hides a two-tone background's split. Discount 0 is the noise itself."""
+    noise = torch.randn(4096, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pyramid = pyramid_noise(noise, 0.8, torch.Generator().manual_seed(1))
+    assert abs(pyramid.var().item() - 1.0) < 0.02 and abs(pyramid.mean().item()) < 0.02
+    halves = {name: (sample[..., :16].mean((-1, -2)) - sample[..., 16:].mean((-1, -2))).var().item()
+              for name, sample in (("iid", noise), ("pyramid", pyramid))}  # fmt: skip
+    assert halves["pyramid"] > 20 * halves["iid"], halves  # measured 0.105 against 0.0039
+    assert torch.equal(pyramid_noise(noise[:2], 0.0, torch.Generator().manual_seed(1)), noise[:2])
+    with pytest.raises(ValueError, match="^discount is 1.0; expected a number in"):
+        pyramid_noise(noise[:1], 1.0, torch.Generator())
 
 
 def test_max_noise_level_caps_the_augmentation_the_unet_sees(tiny_text):
@@ -457,7 +481,8 @@ def test_bad_run_inputs_raise_before_any_step(tiny_text, tmp_path):
     assert unet_calls == [] and text_calls == [] and (tmp_path / "run" / "notes.txt").read_text() == "keep me"
     for field, value in [("stage", "III"), ("text_dropout", 1.5), ("train_batch_size", 0), ("lora_rank", 0),
                          ("mixed_precision", "fp8"), ("lr_scheduler", "cosine_with_restarts"), ("ema_decay", 1.0),
-                         ("validation_steps", 2), ("snr_gamma", 0.0), ("noise_offset", -0.1), ("timestep_bias_portion", 2.0),
+                         ("validation_steps", 2), ("snr_gamma", 0.0), ("noise_offset", -0.1),
+                         ("pyramid_noise_discount", 1.0), ("timestep_bias_portion", 2.0),
                          ("timestep_bias_multiplier", 0.0), ("max_noise_level", 0), ("max_noise_level", 350),
                          ("low_res_blur", 0.5)]:  # fmt: skip
         with pytest.raises(ValueError, match=f"^{field}="):

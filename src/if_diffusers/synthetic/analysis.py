@@ -1,4 +1,4 @@
-"""A deterministic analyser of one-shape images: which colour, which shape, where. numpy only.
+"""A deterministic analyser of one-shape images: which colour, which shape, where, on which background. numpy only.
 
 `analyse` reads an image the way `shapes.render` draws one, and must also read the noisy, blurry 32x32 and 128x128
 outputs of a small diffusion model, so every step is a robust statistic rather than an exact match:
@@ -16,6 +16,8 @@ outputs of a small diffusion model, so every step is a robust statistic rather t
 5. Colour: hue of the foreground colour, or brightness when it is unsaturated. Shape: nearest prototype in
    (fill ratio = area / bounding box, solidity = area / convex hull), from the table measured at the image's
    own size class (upsampled or not). Position: centroid in a 3x3 grid.
+6. Background: the border medians of step 2, named as the shape's colour is (step 5), with the split's direction
+   for a two-tone one (`read_background`).
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ class Analysis:
     fill_ratio: float = 0.0
     solidity: float = 0.0
     corners: int = 0
+    background: str | None = None
+    background2: str | None = None
+    split: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class _Background:
     image: np.ndarray
     colours: tuple[np.ndarray, ...]
     band: np.ndarray
+    split: str | None = None
 
 
 def _rgb_image(image: Image.Image | np.ndarray) -> Image.Image:
@@ -130,12 +136,12 @@ def estimate_background(pixels: np.ndarray) -> _Background:
         at = _split_index(pixels, top, bottom, axis=0)
         image[:at], image[at:] = top, bottom
         band[max(at - SPLIT_BAND, 0) : at + SPLIT_BAND] = True
-        return _Background(image, (top, bottom), band)
+        return _Background(image, (top, bottom), band, "horizontal")
     if np.linalg.norm(left - right) > SPLIT_DISTANCE:
         at = _split_index(pixels, left, right, axis=1)
         image[:, :at], image[:, at:] = left, right
         band[:, max(at - SPLIT_BAND, 0) : at + SPLIT_BAND] = True
-        return _Background(image, (left, right), band)
+        return _Background(image, (left, right), band, "vertical")
     border = np.concatenate([pixels[:BORDER].reshape(-1, 3), pixels[-BORDER:].reshape(-1, 3),
                              pixels[:, :BORDER].reshape(-1, 3), pixels[:, -BORDER:].reshape(-1, 3)])  # fmt: skip
     image[:] = np.median(border, axis=0)
@@ -297,18 +303,28 @@ def _foreground_colour(pixels: np.ndarray, background: _Background) -> np.ndarra
     return np.median(pixels[inner], axis=0)
 
 
+def read_background(background: _Background) -> dict[str, str | None]:
+    """`Analysis`' background fields: the colour names of a plain background (`background`), or of a two-tone one's
+    left or top half (`background`) and other half (`background2`) with its `split` ("vertical": left | right,
+    "horizontal": top / bottom), as `shapes.ShapeRecord` has them."""
+    names = [name_colour(colour) for colour in background.colours]
+    return {"background": names[0], "background2": names[1] if len(names) == 2 else None, "split": background.split}
+
+
 def analyse(image: Image.Image | np.ndarray) -> Analysis:
-    """Colour, shape and grid position of the largest non-background region of `image` (see the module docstring)."""
+    """Colour, shape and grid position of the largest non-background region of `image`, and its background (see the
+    module docstring)."""
     image = _rgb_image(image)
     prototypes = UPSAMPLED_SHAPE_PROTOTYPES if _upsampled(image) else SHAPE_PROTOTYPES
     pixels = to_pixels(image)
     background = estimate_background(pixels)
+    backdrop = read_background(background)
     colour = _foreground_colour(pixels, background)
     if colour is None:
-        return Analysis(None, None, None)
+        return Analysis(None, None, None, **backdrop)
     region = largest_component(_alpha(pixels, background, colour) > 0.5)
     if not region.any():
-        return Analysis(name_colour(colour), None, None, rgb=tuple(colour.tolist()))
+        return Analysis(name_colour(colour), None, None, rgb=tuple(colour.tolist()), **backdrop)
     ys, xs = np.nonzero(region)
     x, y = (xs.mean() + 0.5) / WORK_SIZE, (ys.mean() + 0.5) / WORK_SIZE
     fill_ratio, solidity, corners = _region_geometry(region)
@@ -322,16 +338,24 @@ def analyse(image: Image.Image | np.ndarray) -> Analysis:
         fill_ratio=fill_ratio,
         solidity=solidity,
         corners=corners,
+        **backdrop,
     )
 
 
+def background_matches(found: Analysis, record: ShapeRecord) -> bool:
+    """Whether `found` reads `record`'s background: the same plain colour, or a two-tone one split the same way with
+    the same colour on each side."""
+    return (found.background, found.background2, found.split) == (record.background, record.background2, record.split)
+
+
 def score(images: Sequence[Image.Image | np.ndarray], records: Sequence[ShapeRecord]) -> dict[str, float]:
-    """Fraction of images whose analysed colour, shape, position (and all three at once) match their record."""
+    """Fraction of images whose analysed colour, shape, position (and all three at once: "all") and background
+    (`background_matches`) match their record."""
     if len(images) != len(records) or not records:
         raise ValueError(
             f"`images` has {len(images)} items and `records` {len(records)}; expected the same number > 0."
         )
-    hits = {"colour": 0, "shape": 0, "position": 0, "all": 0}
+    hits = {"colour": 0, "shape": 0, "position": 0, "all": 0, "background": 0}
     for image, record in zip(images, records):
         found = analyse(image)
         matches = {
@@ -340,6 +364,7 @@ def score(images: Sequence[Image.Image | np.ndarray], records: Sequence[ShapeRec
             "position": found.position == record.position,
         }
         matches["all"] = all(matches.values())
+        matches["background"] = background_matches(found, record)
         for key, matched in matches.items():
             hits[key] += int(matched)
     return {key: count / len(records) for key, count in hits.items()}

@@ -196,6 +196,28 @@ def _at(values: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> to
     return picked.view(-1, *([1] * (like.ndim - 1)))
 
 
+def pyramid_noise(noise: torch.Tensor, discount: float, generator: Generators) -> torch.Tensor:
+    """Multi-resolution ("pyramid") noise: `noise` `(B, C, H, W)` plus Gaussian noise drawn at every coarser scale,
+    the side halved at each level down to one pixel, upsampled (nearest) and weighted by `discount ** level`, the sum
+    divided by `sqrt(1 + sum(discount ** (2 level)))` so each pixel keeps unit variance. Levels are drawn from
+    `generator` finest first, after `noise`.
+
+    I.i.d. noise hides an image's coarse layout (its mean colour, which half is which colour) only in the last few
+    steps, where IF's epsilon loss barely weighs the prediction of x_0; coarse noise hides it up to less noisy steps,
+    so the model learns to take it from the text (Whitaker 2023; `noise_offset` is its one-pixel level alone)."""
+    if not 0.0 <= discount < 1.0:
+        raise ValueError(f"discount is {discount!r}; expected a number in [0, 1)")
+    batch, channels, height, width = noise.shape
+    total, variance, level = noise, 1.0, 1
+    while height >> level >= 1 and width >> level >= 1:
+        coarse = randn_tensor((batch, channels, height >> level, width >> level), generator=generator,
+                              device=noise.device, dtype=noise.dtype)  # fmt: skip
+        total = total + discount**level * F.interpolate(coarse, size=(height, width), mode="nearest")
+        variance += discount ** (2 * level)
+        level += 1
+    return total / math.sqrt(variance)
+
+
 def _mean_flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.mean(dim=list(range(1, tensor.ndim)))
 

@@ -70,6 +70,7 @@ from .losses import (
     downsample,
     hybrid_loss,
     min_snr_weights,
+    pyramid_noise,
     q_sample,
     sample_timesteps,
     super_resolution_inputs,
@@ -124,6 +125,10 @@ class TrainingConfig:
             diffusers' training scripts' `--noise_offset`). i.i.d. noise leaves an image's mean colour readable up to
             the last few steps (its SNR is the pixel count times the pixel's), so a model never learns to take the
             overall colours from the text; an offset hides them earlier. 0 (IF's objective): none.
+        pyramid_noise_discount: multi-resolution noise (`losses.pyramid_noise`): noise drawn at every coarser scale
+            down to one pixel is added, level k weighted by this ** k, which hides the coarse layout (a two-tone
+            background's halves as well as the mean colour) up to less noisy steps than `noise_offset` alone.
+            0 (IF's objective): none; in [0, 1).
         timestep_bias_portion, timestep_bias_multiplier: draw the noisiest `timestep_bias_portion` of the steps
             `timestep_bias_multiplier` times as often (`sample_timesteps`; diffusers' "later" timestep bias).
             0 and 1 (IF's objective): uniform.
@@ -162,6 +167,7 @@ class TrainingConfig:
     text_dropout: float = 0.1
     snr_gamma: float | None = None
     noise_offset: float = 0.0
+    pyramid_noise_discount: float = 0.0
     timestep_bias_portion: float = 0.0
     timestep_bias_multiplier: float = 1.0
     max_noise_level: int | None = None
@@ -201,6 +207,7 @@ class TrainingConfig:
         if self.ema_decay is not None:
             _check_number("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
         _check_number("noise_offset", self.noise_offset, low=0.0)
+        _check_number("pyramid_noise_discount", self.pyramid_noise_discount, low=0.0, high=1.0, high_open=True)
         _check_number("timestep_bias_portion", self.timestep_bias_portion, low=0.0, high=1.0)
         _check_number("timestep_bias_multiplier", self.timestep_bias_multiplier, low=0.0, low_open=True)
         if self.snr_gamma is not None:
@@ -265,6 +272,7 @@ def diffusion_loss(
     timestep_bias: tuple[float, float] = (0.0, 1.0),
     max_noise_level: int | None = None,
     max_blur: float | None = None,
+    pyramid_noise_discount: float = 0.0,
 ) -> torch.Tensor:
     """`(B,)` hybrid loss of `unet` on `images` `(B, 3, H, W)` in `[-1, 1]` with T5 `text_embeddings` `(B, L, D)`,
     drawing timesteps, noise and (super-resolution, when `augmentation_alphas_cumprod` is given) the low-res
@@ -272,7 +280,8 @@ def diffusion_loss(
     so that a sample's draws do not depend on the batch it is in). The loss is computed in float32. With
     `snr_gamma`, the epsilon (or v) term is weighted by `min_snr_weights` (the variance term is left as it is). With
     `noise_offset` > 0, the noise gets a constant per sample and channel, `noise_offset * N(0, 1)` (drawn after the
-    noise; see `TrainingConfig.noise_offset`). `timestep_bias` is `(bias_portion, bias_multiplier)` of
+    noise; see `TrainingConfig.noise_offset`); with `pyramid_noise_discount` > 0 it becomes `losses.pyramid_noise`
+    (drawn after the offset, which its rescaling scales down with the rest). `timestep_bias` is `(bias_portion, bias_multiplier)` of
     `sample_timesteps` (default: uniform). `max_noise_level` caps the augmentation level and `max_blur` blurs the
     low-res input (`super_resolution_inputs`; default: the whole schedule, no blur)."""
     timesteps = sample_timesteps(images.shape[0], generator, schedule.num_timesteps, *timestep_bias)
@@ -281,6 +290,8 @@ def diffusion_loss(
     if noise_offset:
         offset = randn_tensor((*images.shape[:2], 1, 1), generator=generator, device=images.device, dtype=images.dtype)
         noise = noise + noise_offset * offset
+    if pyramid_noise_discount:
+        noise = pyramid_noise(noise, pyramid_noise_discount, generator)
     model_input, class_labels = q_sample(images, noise, timesteps, schedule), None
     if augmentation_alphas_cumprod is not None:
         low_res, class_labels = super_resolution_inputs(images, augmentation_alphas_cumprod, generator,
@@ -560,7 +571,8 @@ class _Run:
             loss = diffusion_loss(self.model, images, text, generator, self.schedule, self.augmentation,
                                   config.snr_gamma, config.noise_offset,
                                   (config.timestep_bias_portion, config.timestep_bias_multiplier),
-                                  config.max_noise_level, config.low_res_blur).mean()  # fmt: skip
+                                  config.max_noise_level, config.low_res_blur,
+                                  config.pyramid_noise_discount).mean()  # fmt: skip
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and config.max_grad_norm is not None:
                 self.accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
