@@ -1,8 +1,8 @@
 """Train the small demo IF cascade on the synthetic shapes with `if_diffusers.training`, then measure it.
 
 Stage I learns 32x32 images from the captions (predicting epsilon, as IF), then goes on for a few hundred steps
-with noise that hides its images' coarse layout to less noisy steps (`tune_stage_1`: the backgrounds' colours). Stage II, the x4 super-resolution UNet,
-predicts v: it learns 64x64 crops of 128x128 renderings from their 16x16 downsamples (`demo_cascade.
+with noise that hides its images' coarse layout to less noisy steps (`tune_stage_1`: the backgrounds' colours).
+Stage II, the x4 super-resolution UNet, predicts v: it learns 64x64 crops of 128x128 renderings from their 16x16 downsamples (`demo_cascade.
 SuperResolutionCrops`, colours jittered off the palette), and upsamples whole 32x32 images to 128x128 (on request it
 goes on to whole renderings, `--stage-2-whole-steps`, as the earlier releases did after 32x32 crops). T5 is a tiny
 random encoder from a fixed seed (frozen). Everything is seeded: the same arguments give the same weights on one
@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     for flag, folder, stage in (("--stage-1", args.stage_1, "I"), ("--stage-2", args.stage_2, "II")):
         if folder is not None and not (folder / "model_index.json").is_file():
             parser.error(f"{flag} {folder}: expected a stage-{stage} pipeline folder (no model_index.json there)")
+    if args.stage_2 is not None and args.stage_2_whole_steps:
+        parser.error(f"--stage-2 {args.stage_2} and --stage-2-whole-steps {args.stage_2_whole_steps}: a given stage "
+                     "II is used as it is; pass one of them")  # fmt: skip
     if args.evaluation_count < 0 or args.stage_1_tune_steps < 0:
         parser.error(f"--evaluation-count is {args.evaluation_count} and --stage-1-tune-steps "
                      f"{args.stage_1_tune_steps}; expected ints >= 0")  # fmt: skip
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage_1_tune_steps:
             first = tune_stage_1(first, output, args)
         second = args.stage_2 or train_stage("II", args.stage_2_steps, output, tokenizer, text_encoder, args)
-        if args.stage_2_whole_steps and args.stage_2 is None:
+        if args.stage_2_whole_steps:
             second = train_on_whole_images(second, output, args)
         stages = [first, second]
         cascade = IFCascadePipeline.from_stages(IFPipeline.from_pretrained(stages[0]),
@@ -190,8 +193,8 @@ def train_on_whole_images(crop_trained: Path, output: Path, args) -> Path:
 
 
 def tune_stage_1(trained: Path, output: Path, args) -> Path:
-    """Go on training stage I (`trained`, a pipeline folder) for `--stage-1-tune-steps` on other records (the next
-    seeds' but one), with noise that hides its images' coarse layout up to less noisy steps; returns the new pipeline
+    """Go on training stage I (`trained`, a pipeline folder) for `--stage-1-tune-steps` on other records (those of
+    seed 2), with noise that hides its images' coarse layout up to less noisy steps; returns the new pipeline
     folder.
 
     With i.i.d. noise a 32x32 image's mean colour and halves stay readable from the noisy image until about step 950

@@ -151,6 +151,17 @@ def train_script():
     return load_script("train_demo_cascade")
 
 
+def test_train_script_rejects_a_given_stage_2_with_whole_image_steps(train_script, tmp_path, capsys):
+    """A given stage II is used as it is: asking for whole-image steps on it as well is an error, not ignored."""
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "model_index.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(["--output", str(tmp_path / "run"), "--stage-2", str(tmp_path / "two"),
+                           "--stage-2-whole-steps", "5"])  # fmt: skip
+    assert exit_info.value.code == 2 and "--stage-2-whole-steps 5" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("crop", ["30", "0", "132"])
 def test_train_script_rejects_a_bad_stage_2_crop_before_training(train_script, tmp_path, capsys, crop):
     with pytest.raises(SystemExit) as exit_info:
