@@ -162,6 +162,16 @@ def test_train_script_rejects_a_given_stage_2_with_whole_image_steps(train_scrip
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("step", ["-1", "1000"])
+def test_train_script_rejects_a_coarse_noise_step_off_the_schedule_before_training(train_script, tmp_path, capsys,
+                                                                                   step):  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(["--output", str(tmp_path / "run"), "--stage-1-tune-coarse-noise-min-timestep", step])
+    assert exit_info.value.code == 2
+    assert f"--stage-1-tune-coarse-noise-min-timestep is {step}; expected a step" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("crop", ["30", "0", "132"])
 def test_train_script_rejects_a_bad_stage_2_crop_before_training(train_script, tmp_path, capsys, crop):
     with pytest.raises(SystemExit) as exit_info:
@@ -195,8 +205,9 @@ def test_train_script_gives_stage_2_its_own_crop_and_batch(train_script, tmp_pat
 
 def test_train_script_tunes_stage_1_on_trained_stages_with_coarse_noise(train_script, tmp_path, monkeypatch):
     """With `--stage-1` and `--stage-2` folders the script trains only stage I's tune phase: the given stage I's UNet,
-    on other records (seed 2) with the tune phase's offset, pyramid noise and rate, and saves the cascade of the tuned
-    stage I and the given stage II; `--evaluation-count 0` scores nothing. The defaults are the bundled recipe."""
+    on other records (seed 2) with the tune phase's offset and pyramid noise (from step 500) and rate, and saves the
+    cascade of the tuned stage I and the given stage II; `--evaluation-count 0` scores nothing. The defaults are the
+    bundled recipe."""
     from if_diffusers import IFPipeline, IFSuperResolutionPipeline
     from if_diffusers.demo_cascade import load_demo_cascade
 
@@ -219,7 +230,7 @@ def test_train_script_tunes_stage_1_on_trained_stages_with_coarse_noise(train_sc
                               "--stage-1-tune-steps", "3", "--evaluation-count", "0"]) == 0  # fmt: skip
     [(config, dataset)] = seen
     assert (config.stage, config.max_train_steps, config.noise_offset) == ("I", 3, 0.5)
-    assert config.pyramid_noise_discount == 0.9
+    assert (config.pyramid_noise_discount, config.coarse_noise_min_timestep) == (0.9, 500)
     assert (config.learning_rate, config.seed, dataset.seed, len(dataset)) == (3e-4, 2, 2, 3 * 32)
     assert (output / "cascade" / "model_index.json").is_file() and not (output / "scores.json").exists()
     defaults = train_script.argument_parser().parse_args(["--output", str(tmp_path)])

@@ -132,18 +132,19 @@ def test_loss_decreases_on_a_fixed_batch(tiny_text, tmp_path, stage, prediction_
 def test_snr_gamma_and_noise_offset_change_only_their_parts_of_the_loss(tiny_text):
     """`diffusion_loss(snr_gamma=5)` is the hybrid loss's epsilon term times `min_snr_weights` plus its variance term
     unchanged; `noise_offset=0.1` trains on noise plus `0.1 * N(0, 1)` per sample and channel, drawn after the
-    noise; `pyramid_noise_discount` adds the coarser levels after that; `timestep_bias` draws its steps with `sample_timesteps`' bias. Each is checked against the loss
-    recomputed here step by step from the same draws."""
+    noise; `pyramid_noise_discount` adds the coarser levels after that, and `coarse_noise_min_timestep` keeps both
+    only for the samples at that step or noisier; `timestep_bias` draws its steps with `sample_timesteps`' bias. Each
+    is checked against the loss recomputed here step by step from the same draws."""
     tokenizer, text_encoder = tiny_text
     unet = tiny_unet("I").eval()
     images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     text = embed_captions(["a red circle"], tokenizer, text_encoder)["a red circle"].expand(6, -1, -1)
     schedule = diffusion_schedule(denoising_scheduler("I"))
 
-    def recomputed(offset: float, bias: tuple[float, float] = (0.0, 1.0), pyramid: float = 0.0):
+    def recomputed(offset: float, bias: tuple[float, float] = (0.0, 1.0), pyramid: float = 0.0, gate: int = 0):
         generator = torch.Generator().manual_seed(3)
         steps = sample_timesteps(6, generator, 1000, *bias)
-        noise = torch.randn(images.shape, generator=generator)
+        noise = plain = torch.randn(images.shape, generator=generator)
         if offset:
             noise = noise + offset * torch.randn(6, 3, 1, 1, generator=generator)
         if pyramid:  # levels 8, 4, 2, 1 of the 16x16 images, upsampled by repetition, unit variance
@@ -151,6 +152,7 @@ def test_snr_gamma_and_noise_offset_change_only_their_parts_of_the_loss(tiny_tex
             coarse = sum(pyramid**k * level.repeat_interleave(1 << k, 2).repeat_interleave(1 << k, 3)
                          for k, level in enumerate(levels, start=1))  # fmt: skip
             noise = (noise + coarse) / (1 + sum(pyramid ** (2 * k) for k in range(1, 5))) ** 0.5
+        noise = torch.stack([n if t >= gate else p for n, p, t in zip(noise, plain, steps.tolist())])
         output = unet(q_sample(images, noise, steps, schedule), steps, encoder_hidden_states=text).sample
         return steps, hybrid_loss(output, images, noise, steps, schedule)[1]
 
@@ -162,6 +164,8 @@ def test_snr_gamma_and_noise_offset_change_only_their_parts_of_the_loss(tiny_tex
         _, offset_terms = recomputed(0.1)
         biased_steps, biased_terms = recomputed(0.0, (0.5, 50.0))
         _, pyramid_terms = recomputed(0.1, pyramid=0.8)
+        gate = int(steps.median())  # some samples above it, some below
+        _, gated_terms = recomputed(0.1, pyramid=0.8, gate=gate)
         torch.testing.assert_close(loss(), terms["mse"] + terms["vb"])
         weights = min_snr_weights(steps, schedule, 5.0)
         torch.testing.assert_close(loss(snr_gamma=5.0), terms["mse"] * weights + terms["vb"])
@@ -169,6 +173,12 @@ def test_snr_gamma_and_noise_offset_change_only_their_parts_of_the_loss(tiny_tex
         torch.testing.assert_close(loss(timestep_bias=(0.5, 50.0)), biased_terms["mse"] + biased_terms["vb"])
         torch.testing.assert_close(loss(noise_offset=0.1, pyramid_noise_discount=0.8),
                                    pyramid_terms["mse"] + pyramid_terms["vb"])  # fmt: skip
+        torch.testing.assert_close(loss(noise_offset=0.1, pyramid_noise_discount=0.8, coarse_noise_min_timestep=gate),
+                                   gated_terms["mse"] + gated_terms["vb"])  # fmt: skip
+    coarse = steps >= gate
+    assert 0 < coarse.sum() < 6, (steps, gate)
+    assert torch.equal(gated_terms["mse"][coarse], pyramid_terms["mse"][coarse])
+    assert torch.equal(gated_terms["mse"][~coarse], terms["mse"][~coarse])
     assert (biased_steps >= 500).sum() >= 5, biased_steps  # 50:1 odds for the noisier half: all but rarely one
     assert (weights < 1).any(), steps  # the draw includes nearly clean steps, so the weighted loss differs there
     assert not torch.allclose(offset_terms["mse"], terms["mse"])
@@ -478,13 +488,19 @@ def test_bad_run_inputs_raise_before_any_step(tiny_text, tmp_path):
         train(_config(tmp_path, "other", stage="II", resolution=32, max_noise_level=1001), super_resolution,
               tokenizer, text_encoder, ShapesDataset(2, seed=0, size=32))  # fmt: skip
     assert super_resolution_calls == []
+    with pytest.raises(ValueError, match=r"^coarse_noise_min_timestep=1000: expected a step of the scheduler's 1000 "
+                                         r"\(0 to 999\)"):  # fmt: skip
+        train(_config(tmp_path, "other", noise_offset=0.1, coarse_noise_min_timestep=1000), unet, tokenizer,
+              text_encoder, Pairs(3))  # fmt: skip
     assert unet_calls == [] and text_calls == [] and (tmp_path / "run" / "notes.txt").read_text() == "keep me"
+    # the last: coarse_noise_min_timestep without offset or pyramid noise
     for field, value in [("stage", "III"), ("text_dropout", 1.5), ("train_batch_size", 0), ("lora_rank", 0),
                          ("mixed_precision", "fp8"), ("lr_scheduler", "cosine_with_restarts"), ("ema_decay", 1.0),
                          ("validation_steps", 2), ("snr_gamma", 0.0), ("noise_offset", -0.1),
                          ("pyramid_noise_discount", 1.0), ("timestep_bias_portion", 2.0),
                          ("timestep_bias_multiplier", 0.0), ("max_noise_level", 0), ("max_noise_level", 350),
-                         ("low_res_blur", 0.5)]:  # fmt: skip
+                         ("low_res_blur", 0.5), ("coarse_noise_min_timestep", -1),
+                         ("coarse_noise_min_timestep", 700)]:  # fmt: skip
         with pytest.raises(ValueError, match=f"^{field}="):
             _config(tmp_path, **{field: value})
     for blur in (0.0, 4.5):  # stage II, out of range (low-res pixels, at most MAX_BLUR)
@@ -497,7 +513,7 @@ def test_bad_run_inputs_raise_before_any_step(tiny_text, tmp_path):
 
 def test_command_line_fine_tunes_a_saved_pipeline(straight_run, tmp_path, capsys):
     """`scripts/train.py` / `if-diffusers train` fine-tunes the saved pipeline on a csv-captioned folder and writes a
-    loadable pipeline; a bad folder is one error line and exit code 1."""
+    loadable pipeline; a bad folder, or a bad option, is one error line and exit code 1."""
     data = tmp_path / "data"
     _image_folder(data, sizes=(16, 16, 16))
     (data / "captions.jsonl").unlink()
@@ -514,6 +530,8 @@ def test_command_line_fine_tunes_a_saved_pipeline(straight_run, tmp_path, capsys
     assert _learning_rate(checkpoints / "checkpoint-2") == 0.0
     assert train_main([*arguments, "--resolution", "32"]) == 1
     assert "is 16x16; expected 32x32" in capsys.readouterr().err
+    assert train_main([*arguments, "--coarse-noise-min-timestep", "500"]) == 1  # reaches TrainingConfig's check
+    assert "coarse_noise_min_timestep=500 with no noise_offset" in capsys.readouterr().err
 
 
 def test_lora_without_peft_installed_is_a_clear_error(tmp_path, monkeypatch):

@@ -129,6 +129,10 @@ class TrainingConfig:
             down to one pixel is added, level k weighted by this ** k, which hides the coarse layout (a two-tone
             background's halves as well as the mean colour) up to less noisy steps than `noise_offset` alone.
             0 (IF's objective): none; in [0, 1).
+        coarse_noise_min_timestep: give the offset and pyramid noise only to samples drawn at this step or a
+            noisier one; the others get i.i.d. noise. The coarse layout is decided in the noisiest steps; the demo's
+            stage I, tuned with coarse noise at every step, lost shapes in the less noisy ones (its model card).
+            0: every step.
         timestep_bias_portion, timestep_bias_multiplier: draw the noisiest `timestep_bias_portion` of the steps
             `timestep_bias_multiplier` times as often (`sample_timesteps`; diffusers' "later" timestep bias).
             0 and 1 (IF's objective): uniform.
@@ -168,6 +172,7 @@ class TrainingConfig:
     snr_gamma: float | None = None
     noise_offset: float = 0.0
     pyramid_noise_discount: float = 0.0
+    coarse_noise_min_timestep: int = 0
     timestep_bias_portion: float = 0.0
     timestep_bias_multiplier: float = 1.0
     max_noise_level: int | None = None
@@ -198,7 +203,7 @@ class TrainingConfig:
                 raise ValueError(
                     f"{name}={value!r}: expected a positive int" + ("" if name in positive else " or None")
                 )
-        for name in ("dataloader_num_workers", "lr_warmup_steps", "seed"):
+        for name in ("dataloader_num_workers", "lr_warmup_steps", "seed", "coarse_noise_min_timestep"):
             if type(getattr(self, name)) is not int or getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected an int >= 0")
         _check_number("learning_rate", self.learning_rate, low=0.0, low_open=True)
@@ -208,6 +213,11 @@ class TrainingConfig:
             _check_number("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
         _check_number("noise_offset", self.noise_offset, low=0.0)
         _check_number("pyramid_noise_discount", self.pyramid_noise_discount, low=0.0, high=1.0, high_open=True)
+        if self.coarse_noise_min_timestep and not (self.noise_offset or self.pyramid_noise_discount):
+            raise ValueError(
+                f"coarse_noise_min_timestep={self.coarse_noise_min_timestep} with no noise_offset or "
+                "pyramid_noise_discount: expected one of them > 0 (it says which steps get that noise)"
+            )
         _check_number("timestep_bias_portion", self.timestep_bias_portion, low=0.0, high=1.0)
         _check_number("timestep_bias_multiplier", self.timestep_bias_multiplier, low=0.0, low_open=True)
         if self.snr_gamma is not None:
@@ -273,6 +283,7 @@ def diffusion_loss(
     max_noise_level: int | None = None,
     max_blur: float | None = None,
     pyramid_noise_discount: float = 0.0,
+    coarse_noise_min_timestep: int = 0,
 ) -> torch.Tensor:
     """`(B,)` hybrid loss of `unet` on `images` `(B, 3, H, W)` in `[-1, 1]` with T5 `text_embeddings` `(B, L, D)`,
     drawing timesteps, noise and (super-resolution, when `augmentation_alphas_cumprod` is given) the low-res
@@ -281,17 +292,20 @@ def diffusion_loss(
     `snr_gamma`, the epsilon (or v) term is weighted by `min_snr_weights` (the variance term is left as it is). With
     `noise_offset` > 0, the noise gets a constant per sample and channel, `noise_offset * N(0, 1)` (drawn after the
     noise; see `TrainingConfig.noise_offset`); with `pyramid_noise_discount` > 0 it becomes `losses.pyramid_noise`
-    (drawn after the offset, which its rescaling scales down with the rest). `timestep_bias` is `(bias_portion, bias_multiplier)` of
+    (drawn after the offset, which its rescaling scales down with the rest); both are drawn for every sample and
+    kept only for those at `coarse_noise_min_timestep` or noisier. `timestep_bias` is `(bias_portion, bias_multiplier)` of
     `sample_timesteps` (default: uniform). `max_noise_level` caps the augmentation level and `max_blur` blurs the
     low-res input (`super_resolution_inputs`; default: the whole schedule, no blur)."""
     timesteps = sample_timesteps(images.shape[0], generator, schedule.num_timesteps, *timestep_bias)
     timesteps = timesteps.to(images.device)
-    noise = randn_tensor(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    noise = plain_noise = randn_tensor(images.shape, generator=generator, device=images.device, dtype=images.dtype)
     if noise_offset:
         offset = randn_tensor((*images.shape[:2], 1, 1), generator=generator, device=images.device, dtype=images.dtype)
         noise = noise + noise_offset * offset
     if pyramid_noise_discount:
         noise = pyramid_noise(noise, pyramid_noise_discount, generator)
+    if coarse_noise_min_timestep:
+        noise = torch.where((timesteps >= coarse_noise_min_timestep).view(-1, 1, 1, 1), noise, plain_noise)
     model_input, class_labels = q_sample(images, noise, timesteps, schedule), None
     if augmentation_alphas_cumprod is not None:
         low_res, class_labels = super_resolution_inputs(images, augmentation_alphas_cumprod, generator,
@@ -423,6 +437,11 @@ def train(
         )
     scheduler = scheduler if scheduler is not None else denoising_scheduler(config.stage)
     schedule = diffusion_schedule(scheduler)  # rejects a schedule that is not IF's objective (or its v form)
+    if config.coarse_noise_min_timestep >= schedule.num_timesteps:
+        raise ValueError(
+            f"coarse_noise_min_timestep={config.coarse_noise_min_timestep}: expected a step of the scheduler's "
+            f"{schedule.num_timesteps} (0 to {schedule.num_timesteps - 1})"
+        )
     return _Run(config, unet, tokenizer, text_encoder, dataset, scheduler, schedule, checkpoint, output_pipeline).run()
 
 
@@ -572,7 +591,7 @@ class _Run:
                                   config.snr_gamma, config.noise_offset,
                                   (config.timestep_bias_portion, config.timestep_bias_multiplier),
                                   config.max_noise_level, config.low_res_blur,
-                                  config.pyramid_noise_discount).mean()  # fmt: skip
+                                  config.pyramid_noise_discount, config.coarse_noise_min_timestep).mean()  # fmt: skip
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and config.max_grad_norm is not None:
                 self.accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
