@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def chance_ratios(scores: dict, count: int) -> dict[str, dict[str, float]]:
-    """Trained over random-weight accuracy, for colour, shape and background at each stage, from `benchmark_scores`' result on
-    `count` captions. A random score of 0 counts as one caption in `count` (1 / count), so that ratio is a lower bound
-    rather than a division by zero."""
+    """Trained over random-weight accuracy, for colour, shape and background at each stage, from `benchmark_scores`'
+    result on `count` captions. A random score of 0 counts as one caption in `count` (1 / count), so that ratio is a
+    lower bound rather than a division by zero."""
     return {
         stage: {key: round(scores["trained"][stage][key] / max(scores["random weights"][stage][key], 1 / count), 2)
                 for key in ("colour", "shape", "background")}

@@ -2,12 +2,11 @@
 
 Stage I learns 32x32 images from the captions (predicting epsilon, as IF), then goes on for a few hundred steps
 with noise that hides its images' coarse layout to less noisy steps, in the noisier half of the steps only
-(`tune_stage_1`: the backgrounds' colours).
-Stage II, the x4 super-resolution UNet, predicts v: it learns 64x64 crops of 128x128 renderings from their 16x16 downsamples (`demo_cascade.
-SuperResolutionCrops`, colours jittered off the palette), and upsamples whole 32x32 images to 128x128 (on request it
-goes on to whole renderings, `--stage-2-whole-steps`, as the earlier releases did after 32x32 crops). T5 is a tiny
-random encoder from a fixed seed (frozen). Everything is seeded: the same arguments give the same weights on one
-machine (measured: bitwise).
+(`tune_stage_1`: the backgrounds' colours). Stage II, the x4 super-resolution UNet, predicts v: it learns 64x64
+crops of 128x128 renderings from their 16x16 downsamples (`demo_cascade.SuperResolutionCrops`, colours jittered off
+the palette), and upsamples whole 32x32 images to 128x128 (on request it goes on to whole renderings,
+`--stage-2-whole-steps`, as the earlier releases did after 32x32 crops). T5 is a tiny random encoder from a fixed
+seed (frozen). Everything is seeded: the same arguments give the same weights on one machine (measured: bitwise).
 
     python scripts/train_demo_cascade.py --output demo-cascade --bundle   # what ships in the package
     python scripts/train_demo_cascade.py --output demo-cascade --evaluate-only   # scores of a trained folder
@@ -109,7 +108,8 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stage-2", type=Path, default=None, metavar="FOLDER",
                         help="a trained stage-II pipeline folder to use instead of training stage II")  # fmt: skip
     parser.add_argument("--evaluation-count", type=int, default=64,
-                        help="held-out captions to score (0: none; score later with benchmark_demo_cascade.py)")  # fmt: skip
+                        help="held-out captions to score (0: none; score later with "
+                             "benchmark_demo_cascade.py)")  # fmt: skip
     parser.add_argument("--evaluate-only", action="store_true", help="score OUTPUT/cascade without training")
     parser.add_argument("--resume", action="store_true", help="resume each stage from its last checkpoint")
     parser.add_argument("--bundle", action="store_true", help="also write the cascade into the package (demo_model)")

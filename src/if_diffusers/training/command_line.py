@@ -32,9 +32,9 @@ _NUMBERS = {"train_batch_size": int, "max_train_steps": int, "learning_rate": fl
             "gradient_accumulation_steps": int, "checkpointing_steps": int, "validation_steps": int, "seed": int,
             "text_dropout": float, "lora_rank": int, "max_sequence_length": int, "dataloader_num_workers": int,
             "lr_warmup_steps": int, "adam_weight_decay": float, "max_grad_norm": float,
-            "snr_gamma": float, "noise_offset": float, "pyramid_noise_discount": float, "coarse_noise_min_timestep": int,
-            "timestep_bias_portion": float,
-            "timestep_bias_multiplier": float, "max_noise_level": int, "low_res_blur": float}  # fmt: skip
+            "snr_gamma": float, "noise_offset": float, "pyramid_noise_discount": float,
+            "coarse_noise_min_timestep": int, "timestep_bias_portion": float, "timestep_bias_multiplier": float,
+            "max_noise_level": int, "low_res_blur": float}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

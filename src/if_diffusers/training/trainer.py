@@ -293,9 +293,9 @@ def diffusion_loss(
     `noise_offset` > 0, the noise gets a constant per sample and channel, `noise_offset * N(0, 1)` (drawn after the
     noise; see `TrainingConfig.noise_offset`); with `pyramid_noise_discount` > 0 it becomes `losses.pyramid_noise`
     (drawn after the offset, which its rescaling scales down with the rest); both are drawn for every sample and
-    kept only for those at `coarse_noise_min_timestep` or noisier. `timestep_bias` is `(bias_portion, bias_multiplier)` of
-    `sample_timesteps` (default: uniform). `max_noise_level` caps the augmentation level and `max_blur` blurs the
-    low-res input (`super_resolution_inputs`; default: the whole schedule, no blur)."""
+    kept only for those at `coarse_noise_min_timestep` or noisier. `timestep_bias` is `(bias_portion,
+    bias_multiplier)` of `sample_timesteps` (default: uniform). `max_noise_level` caps the augmentation level and
+    `max_blur` blurs the low-res input (`super_resolution_inputs`; default: the whole schedule, no blur)."""
     timesteps = sample_timesteps(images.shape[0], generator, schedule.num_timesteps, *timestep_bias)
     timesteps = timesteps.to(images.device)
     noise = plain_noise = randn_tensor(images.shape, generator=generator, device=images.device, dtype=images.dtype)
