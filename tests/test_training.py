@@ -534,6 +534,21 @@ def test_command_line_fine_tunes_a_saved_pipeline(straight_run, tmp_path, capsys
     assert "coarse_noise_min_timestep=500 with no noise_offset" in capsys.readouterr().err
 
 
+def test_command_line_trains_from_a_float16_cascade_folder(tmp_path):
+    """A cascade folder stored in float16 (the bundled demo) is trained in float32: T5 loaded as stored had fed
+    float16 embeddings to the float32 UNet ("mat1 and mat2 must have the same dtype"). With the gated coarse noise on."""
+    from if_diffusers.demo_cascade import bundled_model_path
+
+    arguments = ["--model", str(bundled_model_path()), "--stage", "I", "--synthetic-shapes", "2", "--resolution", "32",
+                 "--output-dir", str(tmp_path / "out"), "--max-train-steps", "1", "--train-batch-size", "2",
+                 "--noise-offset", "0.5", "--pyramid-noise-discount", "0.9", "--coarse-noise-min-timestep", "500"]  # fmt: skip
+    assert train_main(arguments) == 0
+    from if_diffusers import IFCascadePipeline
+
+    trained = IFCascadePipeline.from_pretrained(tmp_path / "out" / "pipeline")  # the cascade, with the trained stage
+    assert {p.dtype for p in trained.stage_1_unet.parameters()} == {torch.float32}
+
+
 def test_lora_without_peft_installed_is_a_clear_error(tmp_path, monkeypatch):
     """PEFT is an extra (`if-diffusers[lora]`): without it, LoRA training stops at the config, before any model."""
     import importlib.util

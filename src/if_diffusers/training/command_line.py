@@ -133,11 +133,18 @@ def load_training_model(model: str | None, stage: str) -> TrainingModel:
     from ..pipelines import IFCascadePipeline, IFPipeline, IFSuperResolutionPipeline
 
     if model is None or _is_cascade(model):
-        cascade = load_demo_cascade() if model is None else IFCascadePipeline.from_pretrained(model)
+        # float32 whatever the folder stores (the bundled demo: float16; transformers 5 loads T5 as stored)
+        cascade = (
+            load_demo_cascade()
+            if model is None
+            else IFCascadePipeline.from_pretrained(model, torch_dtype=torch.float32)
+        )
         number = 1 if stage == "I" else 2
         return TrainingModel(getattr(cascade, f"stage_{number}_unet"), getattr(cascade, f"stage_{number}_scheduler"),
                              cascade.tokenizer, cascade.text_encoder, cascade)  # fmt: skip
-    pipeline = (IFPipeline if stage == "I" else IFSuperResolutionPipeline).from_pretrained(model)
+    pipeline = (IFPipeline if stage == "I" else IFSuperResolutionPipeline).from_pretrained(
+        model, torch_dtype=torch.float32
+    )
     if pipeline.tokenizer is None or pipeline.text_encoder is None:
         raise ValueError(f"--model {model!r} has no tokenizer/text_encoder; training encodes the captions")
     return TrainingModel(pipeline.unet, pipeline.scheduler, pipeline.tokenizer, pipeline.text_encoder, None)
